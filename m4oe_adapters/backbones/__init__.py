@@ -1,0 +1,79 @@
+"""Backbone loaders, one per family, behind one entry point: :func:`load_backbone`.
+
+A backbone spec is ``FAMILY:NAME``: ``timm:swin_tiny_patch4_window7_224``, ``transformers:swin``,
+``monai:swin_unetr``. Weights are a local path in the family's native format, or ``None``/``"none"`` for a random
+initialisation, which the backbone's identity (and so every adapter file) records as not pretrained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackboneError
+from .base import FEATURE_STRIDES, Backbone, weight_fingerprint
+from .hf_swin import TransformersSwinBackbone, build_transformers_swin
+from .monai_swin import MonaiSwinBackbone, build_monai_swin
+from .timm_swin import TimmSwinBackbone, build_timm_swin
+
+BUILDERS = {
+    "timm": build_timm_swin,
+    "transformers": build_transformers_swin,
+    "hf": build_transformers_swin,
+    "monai": build_monai_swin,
+}
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"timm:swin_tiny_patch4_window7_224"`` → ``("timm", "swin_tiny_patch4_window7_224")``."""
+    family, _, name = spec.partition(":")
+    if family not in BUILDERS:
+        raise BackboneError(f"unknown backbone family {family!r} in {spec!r}; use one of timm, transformers, monai")
+    return ("transformers" if family == "hf" else family), (name or None)
+
+
+def load_backbone(
+    spec: str,
+    weights: str | Path | None,
+    *,
+    in_chans: int | None = None,
+    img_size: int = 224,
+    model_args: dict[str, Any] | None = None,
+) -> Backbone:
+    """Build a frozen Swin backbone from a spec and local weights.
+
+    Args:
+        spec: ``FAMILY:NAME``.
+        weights: local checkpoint (file or folder), or ``None``/``"none"`` for random weights.
+        in_chans: input channels (default: the checkpoint's, or 3 for timm/transformers and 1 for MONAI at random).
+        img_size: nominal input size in pixels (any multiple of 32 runs).
+        model_args: architecture arguments (needed for random weights; checkpoints carry their own).
+    """
+    family, name = parse_spec(spec)
+    if isinstance(weights, str) and weights.lower() == "none":
+        weights = None
+    if weights is not None and not Path(weights).exists():
+        raise BackboneError(f"{weights}: backbone weights not found (pass a local checkpoint, or 'none' for random)")
+    return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
+
+
+def backbone_from_identity(identity: dict[str, Any], weights: str | Path | None) -> Backbone:
+    """Rebuild the backbone an adapter's metadata describes (the weights file must be supplied)."""
+    spec = f"{identity['family']}:{identity['name']}"
+    args = dict(identity.get("model_args") or {})
+    img_size = args.pop("img_size", args.pop("image_size", 224))
+    if isinstance(img_size, list):
+        img_size = tuple(img_size)
+    return load_backbone(spec, weights, in_chans=identity.get("in_chans"), img_size=img_size, model_args=args)
+
+
+__all__ = [
+    "Backbone",
+    "FEATURE_STRIDES",
+    "MonaiSwinBackbone",
+    "TimmSwinBackbone",
+    "TransformersSwinBackbone",
+    "backbone_from_identity",
+    "load_backbone",
+    "parse_spec",
+    "weight_fingerprint",
+]

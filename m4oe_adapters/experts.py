@@ -1,0 +1,204 @@
+"""The math of one layer: a frozen ``nn.Linear`` plus one low-rank expert per modality.
+
+For expert ``k`` the update is ``ΔW_k = (alpha / r) · B_k A_k`` with ``A_k: [r, in]`` and ``B_k: [out, r]``;
+``B_k`` starts at zero so a new expert is the identity. Experts are kept as one parameter per modality (so each
+modality trains, saves and loads independently) and are applied together as *stacked* tensors with one batched
+matmul — never a Python loop over experts:
+
+* hard routing, one modality in the batch:   ``y = W x + s · B_k (A_k x)``
+* hard routing, mixed batch:                 ``bmm`` with each sample's ``A, B`` gathered from the stack
+* soft routing:                              ``h = [A_1; ...; A_E] x`` (one matmul, rank ``E·r``), each expert's
+  ``r`` slice weighted by its gate weight, then ``y = W x + s · [B_1 ... B_E] h`` (one matmul).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .routing import RoutingState, gate_probabilities, load_balancing_loss, rows_per_sample
+
+
+class ModalityExpertLinear(nn.Module):
+    """A frozen linear layer with per-modality low-rank experts.
+
+    Args:
+        base_layer: the backbone's ``nn.Linear`` (kept frozen, never copied).
+        rank: expert rank ``r``.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
+        name: the layer's dotted name inside the backbone (used in file keys and errors).
+
+    Shapes: input ``[..., in_features]`` → output ``[..., out_features]``; the leading dimension must be the batch
+    or batch × windows (sample-major), see :func:`~m4oe_adapters.routing.rows_per_sample`.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.layer_name = name
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.router_key = nn.ParameterDict()
+        # Set by the model after injection; a plain attribute (not a submodule) shared by all layers.
+        self.routing: RoutingState | None = None
+        self.merged_modality: str | None = None
+        self._weight_before_merge: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    # ----------------------------------------------------------------------------------------------- experts
+    def add_expert(self, modality: str, init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Create modality ``modality``'s expert: ``A ~ N(0, init_std²)``, ``B = 0``, a random unit router key."""
+        if modality in self.lora_A:
+            raise ConfigError(f"layer {self.layer_name} already has an expert for modality {modality!r}")
+        weight = self.base_layer.weight
+        factory = dict(device=weight.device, dtype=torch.float32)
+        lora_a = torch.randn(self.rank, self.in_features, generator=generator, **factory) * init_std
+        key = torch.randn(self.in_features, generator=generator, **factory)
+        self.lora_A[modality] = nn.Parameter(lora_a)
+        self.lora_B[modality] = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
+        self.router_key[modality] = nn.Parameter(key / key.norm())
+
+    def remove_expert(self, modality: str) -> None:
+        if self.merged_modality == modality:
+            raise ConfigError(f"modality {modality!r} is merged into {self.layer_name}; call unmerge() first")
+        for table in (self.lora_A, self.lora_B, self.router_key):
+            del table[modality]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A: [E, r, in]`` and ``B: [E, out, r]`` of the named experts, in that order."""
+        missing = [name for name in names if name not in self.lora_A]
+        if missing:
+            raise ConfigError(f"layer {self.layer_name} has no expert for modality {missing[0]!r}")
+        lora_a = torch.stack([self.lora_A[name] for name in names])
+        lora_b = torch.stack([self.lora_B[name] for name in names])
+        return lora_a, lora_b
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.base_layer(x)
+        state = self.routing
+        if state is None or not state.active:
+            return output
+        if self.merged_modality is not None:
+            if state.expert_names != (self.merged_modality,) or state.mode != "hard":
+                raise ConfigError(
+                    f"the backbone is merged with modality {self.merged_modality!r}; it can only run that modality "
+                    "with hard routing. Call unmerge() to use other modalities or soft routing."
+                )
+            return output
+        if state.mode == "soft":
+            return output + self._soft_delta(x, state)
+        return output + self._hard_delta(x, state)
+
+    def _hard_delta(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        names = state.expert_names
+        if len(names) == 1 or state.sample_expert is None:
+            name = names[0]
+            if name not in self.lora_A:
+                raise ConfigError(f"layer {self.layer_name} has no expert for modality {name!r}")
+            if state.update_keys and self.training:
+                self._update_router_key(name, x, state.key_momentum)
+            hidden = F.linear(x, self.lora_A[name])
+            return F.linear(hidden, self.lora_B[name]) * self.scaling
+        # Mixed batch: each sample's rows use its own expert, gathered from the stack; one bmm per factor.
+        lora_a, lora_b = self._stack(names)
+        batch = state.batch_size
+        rows_per_sample(x.shape[0], batch, self.layer_name)  # validates the sample-major layout
+        per_sample = x.reshape(batch, -1, self.in_features)  # [B, rows * tokens, in]
+        sample_a = lora_a.index_select(0, state.sample_expert)  # [B, r, in]
+        sample_b = lora_b.index_select(0, state.sample_expert)  # [B, out, r]
+        hidden = torch.bmm(per_sample, sample_a.transpose(1, 2))  # [B, T, r]
+        delta = torch.bmm(hidden, sample_b.transpose(1, 2)) * self.scaling  # [B, T, out]
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _soft_delta(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        names = state.expert_names
+        lora_a, lora_b = self._stack(names)
+        num_experts = len(names)
+        keys = torch.stack([self.router_key[name] for name in names])  # [E, in]
+        weights, logits = gate_probabilities(x, keys, state.temperature, state.top_k)  # [..., E]
+        # One matmul of rank E·r, then each expert's r columns scaled by its gate weight.
+        hidden = F.linear(x, lora_a.reshape(num_experts * self.rank, self.in_features))  # [..., E*r]
+        hidden = hidden.unflatten(-1, (num_experts, self.rank)) * weights.unsqueeze(-1)
+        stacked_b = lora_b.permute(1, 0, 2).reshape(self.out_features, num_experts * self.rank)  # [out, E*r]
+        delta = F.linear(hidden.flatten(-2), stacked_b) * self.scaling
+        if state.collect_aux:
+            state.aux_losses.append(load_balancing_loss(logits, state.top_k))
+            if state.sample_expert is not None:
+                rows = rows_per_sample(x.shape[0], state.batch_size, self.layer_name)
+                per_row = state.sample_expert.repeat_interleave(rows)
+                target = per_row.view(-1, *([1] * (logits.dim() - 2))).expand(logits.shape[:-1])
+                state.gate_losses.append(F.cross_entropy(logits.reshape(-1, num_experts), target.reshape(-1)))
+        if state.record_gates:
+            rows_per_sample(x.shape[0], state.batch_size, self.layer_name)
+            per_sample = weights.detach().reshape(state.batch_size, -1, num_experts).mean(dim=1)
+            state.gate_weights[self.layer_name] = per_sample
+        return delta
+
+    @torch.no_grad()
+    def _update_router_key(self, name: str, x: torch.Tensor, momentum: float) -> None:
+        mean_token = F.normalize(x.detach().reshape(-1, self.in_features).float(), dim=-1).mean(dim=0)
+        key = self.router_key[name]
+        key.mul_(momentum).add_(mean_token, alpha=1 - momentum)
+        key.div_(key.norm().clamp_min(1e-12))
+
+    # ------------------------------------------------------------------------------------------ merge/unmerge
+    def delta_weight(self, modality: str) -> torch.Tensor:
+        """``s · B A`` of one expert, ``[out, in]`` (the update merged into ``W``)."""
+        return (self.lora_B[modality] @ self.lora_A[modality]) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, modality: str) -> None:
+        """Fold ``modality``'s expert into the frozen weight; the original bytes are kept for :meth:`unmerge`."""
+        if self.merged_modality is not None:
+            raise ConfigError(f"layer {self.layer_name} is already merged with {self.merged_modality!r}")
+        weight = self.base_layer.weight
+        self._weight_before_merge = weight.detach().clone()
+        weight.add_(self.delta_weight(modality).to(weight.dtype))
+        self.merged_modality = modality
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact bytes the weight had before :meth:`merge`."""
+        if self.merged_modality is None:
+            return
+        self.base_layer.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
+        self.merged_modality = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"experts={self.modalities}"
+        )
+
+
+def expert_parameter_count(in_features: int, out_features: int, rank: int) -> int:
+    """Parameters of one expert in one layer: ``A``, ``B`` and the router key."""
+    return rank * (in_features + out_features) + in_features
+
+
+__all__ = ["ModalityExpertLinear", "expert_parameter_count"]

@@ -1,0 +1,144 @@
+"""PEFT interop: a modality's backbone experts are plain LoRA, so they export to (and import from) a standard PEFT
+LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+``peft.PeftModel.from_pretrained(<the family's own backbone model>, folder)`` loads.
+
+Only the backbone experts travel this way; the decoder, head, labels and router keys have no PEFT equivalent and stay
+in the m4oe adapter file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterFormatError, BackboneMismatchError
+from .model import SegmentationModel
+
+PEFT_PREFIX = "base_model.model."
+
+
+def export_peft(model: SegmentationModel, modality: str, folder: str | Path) -> Path:
+    """Write ``modality``'s backbone experts as a PEFT LoRA folder (atomically: built aside, then renamed).
+
+    Module names are those of ``model.backbone.model`` (the plain timm / transformers / MONAI module).
+    """
+    import peft
+    import safetensors.torch
+
+    model._require(modality)
+    folder = Path(folder)
+    config = peft.LoraConfig(
+        r=model.expert_config.rank,
+        lora_alpha=model.expert_config.alpha,
+        lora_dropout=0.0,
+        target_modules=list(model.expert_layers),
+        bias="none",
+    )
+    tensors = {}
+    for name, layer in model.expert_layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[modality].detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[modality].detach().cpu().contiguous()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        config.save_pretrained(str(staging))
+        safetensors.torch.save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if folder.exists():
+            backup = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(folder, backup)
+            os.replace(staging, folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_peft_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``adapter_config.json`` and ``{layer name: (A, B)}``-style raw tensors of a PEFT LoRA folder."""
+    import safetensors.torch
+
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    weights_path = folder / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterFormatError(
+            f"{folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors; "
+            ".bin pickles are not read)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFormatError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"{config_path}: peft_type must be LORA")
+    try:
+        tensors = safetensors.torch.load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise AdapterFormatError(f"{weights_path}: cannot read it ({str(error)[:200]})") from None
+    return config, tensors
+
+
+@torch.no_grad()
+def import_peft(
+    model: SegmentationModel,
+    folder: str | Path,
+    modality: str,
+    *,
+    num_classes: int = 2,
+    label_names: list[str] | None = None,
+) -> None:
+    """Use a PEFT LoRA folder as ``modality``'s backbone experts.
+
+    If the modality is not loaded it is added (with a fresh decoder to train). The PEFT rank may be lower than the
+    model's (zero-padding ``A`` and ``B`` keeps ``B A`` unchanged); its ``lora_alpha / r`` scaling is folded into ``B``.
+    Layers the folder does not cover keep an identity expert.
+    """
+    config, tensors = read_peft_folder(folder)
+    rank = int(config.get("r", 0))
+    alpha = float(config.get("lora_alpha", rank))
+    if config.get("use_rslora"):
+        scaling = alpha / rank**0.5
+    else:
+        scaling = alpha / rank if rank else 0.0
+    if not 1 <= rank <= model.expert_config.rank:
+        raise BackboneMismatchError(
+            f"{folder}: PEFT rank {rank} cannot be imported into experts of rank {model.expert_config.rank}"
+        )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for kind in ("lora_A", "lora_B"):
+            for suffix in (f".{kind}.weight", f".{kind}.default.weight"):
+                if name.endswith(suffix):
+                    pairs.setdefault(name[: -len(suffix)], {})[kind] = tensor
+    unknown = sorted(set(pairs) - set(model.expert_layers))
+    if unknown or not pairs:
+        raise BackboneMismatchError(
+            f"{folder}: LoRA layers {unknown[:3] or '(none)'} are not expert layers of this backbone "
+            f"({len(model.expert_layers)} layers, e.g. {next(iter(model.expert_layers))})"
+        )
+    if modality not in model.modalities:
+        model.add_modality(modality, num_classes, label_names)
+    for name, pair in pairs.items():
+        layer = model.expert_layers[name]
+        lora_a, lora_b = pair.get("lora_A"), pair.get("lora_B")
+        if lora_a is None or lora_b is None:
+            raise AdapterFormatError(f"{folder}: layer {name} lacks lora_A or lora_B")
+        if lora_a.shape != (rank, layer.in_features) or lora_b.shape != (layer.out_features, rank):
+            raise BackboneMismatchError(
+                f"{folder}: layer {name} has A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}; the backbone needs "
+                f"A [{rank}, {layer.in_features}], B [{layer.out_features}, {rank}]"
+            )
+        padded_a = torch.zeros_like(layer.lora_A[modality])
+        padded_b = torch.zeros_like(layer.lora_B[modality])
+        padded_a[:rank] = lora_a.float()
+        padded_b[:, :rank] = lora_b.float() * (scaling / layer.scaling)
+        layer.lora_A[modality].copy_(padded_a)
+        layer.lora_B[modality].copy_(padded_b)
