@@ -27,8 +27,8 @@ class ExpertConfig:
             (a gate mixes all loaded experts per token). Overridable per call.
         top_k: with soft routing, keep only the ``top_k`` largest gate weights per token and renormalise
             (``None`` keeps all).
-        gate_temperature: softmax temperature of the soft gate over cosine similarities between a token and each
-            expert's router key (default 0.05: cosine similarities differ by a few hundredths between modalities).
+        gate_temperature: softmax temperature of the soft gate over squared distances between a normalised token
+            and each expert's router key (default 0.05: distances differ by a few hundredths between modalities).
         init_std: std of the normal initialisation of ``A`` (``B`` starts at zero, so a new expert is the identity).
     """
 

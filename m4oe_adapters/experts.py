@@ -66,7 +66,8 @@ class ModalityExpertLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- experts
     def add_expert(self, modality: str, init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Create modality ``modality``'s expert: ``A ~ N(0, init_std²)``, ``B = 0``, a random unit router key."""
+        """Create modality ``modality``'s expert: ``A ~ N(0, init_std²)``, ``B = 0``, a random unit router key
+        (replaced by the mean normalised token once the expert trains)."""
         if modality in self.lora_A:
             raise ConfigError(f"layer {self.layer_name} already has an expert for modality {modality!r}")
         weight = self.base_layer.weight
@@ -163,7 +164,6 @@ class ModalityExpertLinear(nn.Module):
         mean_token = F.normalize(x.detach().reshape(-1, self.in_features).float(), dim=-1).mean(dim=0)
         key = self.router_key[name]
         key.mul_(momentum).add_(mean_token, alpha=1 - momentum)
-        key.div_(key.norm().clamp_min(1e-12))
 
     # ------------------------------------------------------------------------------------------ merge/unmerge
     def delta_weight(self, modality: str) -> torch.Tensor:

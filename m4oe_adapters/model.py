@@ -210,9 +210,7 @@ class SegmentationModel(nn.Module):
     def train(self, mode: bool = True) -> "SegmentationModel":
         """Train mode for decoders; the frozen backbone's own modules stay in eval mode (no dropout/drop-path)."""
         super().train(mode)
-        self.backbone.model.eval()
-        for layer in self.expert_layers.values():
-            layer.train(mode)
+        self.backbone.train(mode)  # keeps the backbone's own modules in eval mode
         return self
 
     # ------------------------------------------------------------------------------------------- forward

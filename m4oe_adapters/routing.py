@@ -7,10 +7,11 @@ per-sample modality never has to be threaded through the backbone's own ``forwar
 Two modes:
 
 * **hard** — each sample's modality selects its expert; only that expert is computed.
-* **soft** — a gate mixes every loaded expert per token. Gate logits are cosine similarities between the token and
-  one *router key per expert* (divided by a temperature), so an expert can be added or removed without retraining
-  the others: each key belongs to its expert and travels in that expert's file. Keys start as the running mean of
-  the (normalised) tokens the expert saw during training and can be refined by gradient in soft-mode training.
+* **soft** — a gate mixes every loaded expert per token. Gate logits are negative squared distances between the
+  unit-normalised token and one *router key per expert* (divided by a temperature): a nearest-centroid rule, since a
+  key is the running mean of the normalised tokens its expert saw during training (and can be refined by gradient in
+  soft-mode training). Each key belongs to its expert and travels in that expert's file, so an expert can be added
+  or removed without retraining the others.
   Optional top-k sparsification and a Switch/Mixtral-style load-balancing auxiliary loss.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ class RoutingState:
             when every sample uses slot 0 (hard) or when modalities are unknown (soft).
         batch_size: ``B``, used to map a layer's leading dimension (``B`` or ``B * windows``) back to samples.
         top_k: soft routing: keep the ``top_k`` largest gate weights per token (``None``: all).
-        temperature: soft routing: softmax temperature over cosine similarities.
+        temperature: soft routing: softmax temperature over token-to-key distances.
         collect_aux: when true, soft layers append their load-balancing loss to ``aux_losses`` and, if
             ``sample_expert`` is known, their gate cross-entropy to ``gate_losses``.
         update_keys: hard routing during training: move each expert's router key towards the mean normalised token
@@ -89,13 +90,15 @@ def gate_probabilities(
     Args:
         tokens: ``[..., D]`` layer inputs.
         router_keys: ``[E, D]``, one key per expert.
-        temperature: softmax temperature over cosine similarities.
+        temperature: softmax temperature over negative squared distances.
         top_k: keep the ``top_k`` largest probabilities per token and renormalise (``None``: keep all).
 
     Returns:
         ``(weights, logits)``, both ``[..., E]``: the mixing weights (summing to 1 per token) and the raw logits.
     """
-    logits = F.linear(F.normalize(tokens, dim=-1), F.normalize(router_keys, dim=-1)) / temperature
+    # -||x̂ - k||² = 2 x̂·k - ||k||² - 1; the constant drops out of the softmax.
+    similarity = 2 * F.linear(F.normalize(tokens, dim=-1), router_keys) - router_keys.pow(2).sum(-1)
+    logits = similarity / temperature
     probabilities = logits.softmax(dim=-1)
     if top_k is not None and top_k < probabilities.shape[-1]:
         top_values, top_index = probabilities.topk(top_k, dim=-1)

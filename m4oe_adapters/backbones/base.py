@@ -67,6 +67,7 @@ class Backbone(nn.Module):
         self.weights = None if weights is None else str(weights)
         self._fingerprint: str | None = None
         self.freeze()
+        self.train(False)
 
     @property
     def pretrained(self) -> bool:
@@ -76,6 +77,18 @@ class Backbone(nn.Module):
         """Every backbone parameter stops requiring gradients (experts live in their own parameters)."""
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """The frozen backbone always runs in eval mode (no dropout or stochastic depth); expert layers inside it
+        follow ``mode`` so their training-time behaviour (router-key updates) works."""
+        super().train(mode)
+        self.model.eval()
+        from ..experts import ModalityExpertLinear
+
+        for module in self.model.modules():
+            if isinstance(module, ModalityExpertLinear):
+                module.train(mode)
+        return self
 
     def frozen_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The backbone's own parameters under their native names (expert wrappers' ``.base_layer`` removed)."""

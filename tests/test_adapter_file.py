@@ -1,0 +1,211 @@
+"""One safetensors file per modality: round trip, metadata, sizes, and typed refusals of bad files."""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from m4oe_adapters import (
+    AdapterFormatError,
+    BackboneMismatchError,
+    ExpertConfig,
+    SegmentationModel,
+    inspect_adapter,
+    load_adapter,
+    model_from_adapter,
+    save_adapter,
+)
+
+from conftest import tiny_backbone, tiny_model
+
+
+def test_saved_modality_reloads_onto_a_fresh_model_with_identical_outputs(model, tmp_path):
+    path = save_adapter(model, "MRI", tmp_path / "mri.safetensors")
+    fresh = SegmentationModel(tiny_backbone(), ExpertConfig(rank=4))
+    info = load_adapter(fresh, path)
+    fresh.eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, "MRI"), model(x, "MRI"))
+    assert info.num_classes == 3 and info.label_names[0] == "background"
+
+
+def test_several_adapters_load_onto_one_backbone_and_mix_in_a_batch(model, tmp_path):
+    fresh = SegmentationModel(tiny_backbone(), ExpertConfig(rank=4)).eval()
+    for name in ("CT", "MRI"):
+        load_adapter(fresh, save_adapter(model, name, tmp_path / f"{name}.safetensors"))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, ["MRI", "CT"]), model(x, ["MRI", "CT"]))
+
+
+def test_file_metadata_holds_everything_a_deployment_needs(model, tmp_path):
+    model.modalities["CT"].preset = {"kind": "ct_window", "center": 40, "width": 400}
+    model.modalities["CT"].provenance = {"sites": ["A"], "num_labelled_images": 5}
+    model.modalities["CT"].metrics = {"val_dice": 0.8}
+    report = inspect_adapter(save_adapter(model, "CT", tmp_path / "ct.safetensors"))
+    meta = report["metadata"]
+    assert meta["format"] == "m4oe-adapter" and meta["format_version"] == 1
+    assert meta["modality"] == "CT" and meta["num_classes"] == 2 and len(meta["label_names"]) == 2
+    assert meta["preset"]["width"] == 400 and meta["in_chans"] == 1 and meta["input_size"] == [224, 224]
+    assert meta["expert"]["rank"] == 4 and meta["expert"]["target_pattern"]
+    assert meta["backbone"]["fingerprint"] == model.backbone.fingerprint() and meta["backbone"]["pretrained"] is False
+    assert meta["provenance"]["sites"] == ["A"] and meta["metrics"]["val_dice"] == 0.8
+    assert report["parameters"] == model.parameter_count("CT") and report["expert_layers"] == 20
+
+
+def test_half_precision_files_are_half_the_size_and_load(model, tmp_path):
+    full = save_adapter(model, "CT", tmp_path / "fp32.safetensors")
+    half = save_adapter(model, "CT", tmp_path / "fp16.safetensors", dtype="fp16")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    fresh = SegmentationModel(tiny_backbone(), ExpertConfig(rank=4)).eval()
+    load_adapter(fresh, half)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, "CT"), model(x, "CT"), atol=1e-2, rtol=1e-2)
+
+
+def test_model_from_adapter_rebuilds_backbone_and_config(model, tmp_path, timm_checkpoint):
+    trained = tiny_model(weights=timm_checkpoint)
+    path = save_adapter(trained, "CT", tmp_path / "ct.safetensors")
+    rebuilt = model_from_adapter(path, timm_checkpoint).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, "CT"), trained(x, "CT"))
+
+
+def test_adapter_for_another_backbone_is_refused_naming_both(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    other = SegmentationModel(tiny_backbone(seed=1), ExpertConfig(rank=4))
+    with pytest.raises(BackboneMismatchError) as error:
+        load_adapter(other, path)
+    message = str(error.value)
+    assert "ct.safetensors" in message
+    assert model.backbone.fingerprint()[:16] in message and other.backbone.fingerprint()[:16] in message
+    assert "CT" not in other.modalities
+    load_adapter(other, path, force=True)  # same architecture: allowed on request
+    assert "CT" in other.modalities
+
+
+def test_adapter_with_other_rank_or_channels_is_refused(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    with pytest.raises(BackboneMismatchError, match="rank"):
+        load_adapter(SegmentationModel(tiny_backbone(), ExpertConfig(rank=8)), path)
+    with pytest.raises(BackboneMismatchError):
+        load_adapter(SegmentationModel(tiny_backbone(in_chans=3), ExpertConfig(rank=4)), path, force=True)
+
+
+def test_adapter_with_another_layer_set_is_refused(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    attention_only = SegmentationModel(tiny_backbone(), ExpertConfig(rank=4, target_pattern=r".*attn\.qkv"))
+    with pytest.raises(BackboneMismatchError, match="layer set"):
+        load_adapter(attention_only, path)
+
+
+def rewrite_metadata(path, change):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    meta = json.loads(header["__metadata__"]["m4oe"])
+    change(meta)
+    header["__metadata__"]["m4oe"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def test_unknown_format_version_is_refused(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    rewrite_metadata(path, lambda meta: meta.update(format_version=99))
+    with pytest.raises(AdapterFormatError, match="unknown format version 99"):
+        inspect_adapter(path)
+
+
+def test_label_count_must_match_class_count(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    rewrite_metadata(path, lambda meta: meta.update(label_names=["a", "b", "c"]))
+    with pytest.raises(AdapterFormatError, match="3 label names for 2 classes"):
+        load_adapter(model, path)
+
+
+def test_truncated_file_is_refused(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(AdapterFormatError, match="ct.safetensors"):
+        load_adapter(model, path)
+
+
+def test_pickle_file_is_refused_and_never_unpickled(tmp_path, monkeypatch, model):
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch EXPLOITED",))
+
+    monkeypatch.chdir(tmp_path)
+    for name, payload in [("a.safetensors", pickle.dumps(Exploit())), ("b.pt", None)]:
+        path = tmp_path / name
+        if payload is None:
+            torch.save({"experts": Exploit()}, path)
+        else:
+            path.write_bytes(payload)
+        with pytest.raises(AdapterFormatError, match=name):
+            load_adapter(model, path)
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+def test_plain_safetensors_without_m4oe_metadata_is_refused(tmp_path, model):
+    import safetensors.torch
+
+    path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(AdapterFormatError, match="not an m4oe adapter"):
+        inspect_adapter(path)
+
+
+def test_nan_tensor_is_refused(model, tmp_path):
+    with torch.no_grad():
+        next(iter(model.expert_layers.values())).lora_A["CT"][0, 0] = float("nan")
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        inspect_adapter(path)
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_partial_file(model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    before = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as stream:
+            stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, "CT", path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.safetensors"]
+
+
+def test_swin_t_rank_8_file_is_at_most_5_mb_and_a_twentieth_of_the_full_model(tmp_path):
+    import safetensors.torch
+
+    from m4oe_adapters import load_backbone
+
+    model = SegmentationModel(load_backbone("timm:swin_tiny_patch4_window7_224", None, in_chans=3), ExpertConfig(rank=8))
+    model.add_modality("fundus", 2)
+    size = save_adapter(model, "fundus", tmp_path / "fundus.safetensors").stat().st_size
+    # A fully fine-tuned model ships the whole backbone plus the same decoder and head.
+    full_state = {f"backbone.{k}": v for k, v in model.backbone.model.state_dict().items() if "lora_" not in k}
+    full_state |= {f"decoder.{k}": v for k, v in model.decoders["fundus"].state_dict().items()}
+    full_state = {k: v for k, v in full_state.items() if "router_key" not in k}
+    full = tmp_path / "full.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in full_state.items()}, str(full))
+    print(f"adapter {size / 1e6:.2f} MB, full model {full.stat().st_size / 1e6:.1f} MB")
+    assert size <= 5 * 1024 * 1024
+    assert size * 20 <= full.stat().st_size

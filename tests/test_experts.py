@@ -1,0 +1,208 @@
+"""Modality experts: identity at creation, per-sample routing, soft gate, isolation between modalities, merge."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m4oe_adapters import ConfigError, ExpertConfig, SegmentationModel
+from m4oe_adapters.routing import load_balancing_loss
+
+from conftest import tiny_backbone, tiny_model
+
+
+def test_default_targets_are_attention_and_mlp_linears_of_every_block(model):
+    suffixes = {name.rsplit(".", 1)[1] for name in model.expert_layers}
+    assert suffixes == {"qkv", "proj", "fc1", "fc2"}
+    assert len(model.expert_layers) == 4 * 5  # 5 blocks in the tiny Swin
+
+
+def test_target_pattern_is_configurable_by_regex():
+    model = SegmentationModel(tiny_backbone(), ExpertConfig(target_pattern=r".*\.attn\.qkv"))
+    assert all(name.endswith("attn.qkv") for name in model.expert_layers) and len(model.expert_layers) == 5
+
+
+def test_pattern_matching_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match="matches no"):
+        SegmentationModel(tiny_backbone(), ExpertConfig(target_pattern="nothing_here"))
+
+
+def test_a_new_expert_starts_as_the_identity():
+    model = tiny_model(trained=False)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        plain = model.backbone(x)
+        routed = model._hard_features(x, ["CT", "CT"])
+    for a, b in zip(plain, routed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mixed_modality_batch_equals_each_sample_alone(model):
+    x = torch.randn(4, 1, 64, 96)
+    names = ["CT", "MRI", "MRI", "CT"]
+    with torch.no_grad():
+        mixed = model(x, names)
+        for index, name in enumerate(names):
+            alone = model(x[index : index + 1], name)
+            torch.testing.assert_close(mixed[index, : alone.shape[1]], alone[0], atol=1e-5, rtol=0)
+            assert torch.isinf(mixed[index, alone.shape[1] :]).all()  # classes the modality does not have
+
+
+def test_hard_routing_computes_only_the_selected_expert(model):
+    model.train_only("CT")
+    for parameter in model.modality_parameters("MRI"):
+        parameter.requires_grad_(True)
+    model(torch.randn(2, 1, 64, 64), "CT").sum().backward()
+    assert all(p.grad is None for p in model.modality_parameters("MRI"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.modality_parameters("CT"))
+
+
+def test_experts_change_the_features(model):
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        ct = model._hard_features(x, ["CT"])[-1]
+        mri = model._hard_features(x, ["MRI"])[-1]
+    assert not torch.allclose(ct, mri)
+
+
+def test_soft_gate_weights_sum_to_one_and_top_k_keeps_k(model):
+    model.add_modality("xray", 2, seed=5)
+    layer = next(iter(model.expert_layers.values()))
+    captured = {}
+
+    def hook(module, inputs, output):
+        captured["x"] = inputs[0]
+
+    handle = layer.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 64, 64), "CT", routing="soft", top_k=2)
+    handle.remove()
+    from m4oe_adapters.routing import gate_probabilities
+
+    keys = torch.stack([layer.router_key[n] for n in model.modalities])
+    weights, _ = gate_probabilities(captured["x"], keys, 0.05, top_k=2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    assert ((weights > 0).sum(-1) <= 2).all()
+
+
+def test_soft_routing_with_a_single_expert_equals_hard_routing():
+    model = tiny_model(modalities=("CT",))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, "CT", routing="soft"), model(x, "CT"), atol=1e-5, rtol=0)
+
+
+def test_load_balancing_loss_is_one_when_balanced_and_larger_when_collapsed():
+    balanced = torch.zeros(100, 4)
+    collapsed = torch.zeros(100, 4)
+    collapsed[:, 0] = 10
+    assert load_balancing_loss(balanced, None).item() == pytest.approx(1.0)
+    assert load_balancing_loss(collapsed, None).item() > 3.5
+
+
+def test_soft_training_collects_load_balance_and_gate_losses(model):
+    model.train()
+    model.routing.collect_aux = True
+    logits = model(torch.randn(2, 1, 64, 64), ["CT", "MRI"], routing="soft")
+    losses = model.auxiliary_losses()
+    assert set(losses) == {"load_balance", "gate"}
+    (logits[0, :2].mean() + losses["load_balance"] + losses["gate"]).backward()
+    assert model.expert_layers[next(iter(model.expert_layers))].router_key["CT"].grad is not None
+
+
+def test_soft_gate_routes_images_to_the_modality_whose_expert_saw_them():
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(0)
+
+    def images(name):  # two "modalities" with different appearance: smooth gradients vs high-frequency noise
+        if name == "CT":
+            ramp = torch.linspace(-1, 1, 64)
+            return (ramp[None, None, :, None] * ramp[None, None, None, :]).repeat(4, 1, 1, 1) + 0.05 * torch.randn(
+                4, 1, 64, 64, generator=generator
+            )
+        return torch.randn(4, 1, 64, 64, generator=generator) * 2
+
+    model.train()
+    model.routing.update_keys = True
+    model.routing.key_momentum = 0.5
+    with torch.no_grad():
+        for _ in range(5):
+            for name in ("CT", "MRI"):
+                model(images(name), name)
+    model.routing.update_keys = False
+    model.eval()
+    with torch.no_grad():
+        model(torch.cat([images("CT"), images("MRI")]), routing="soft")
+        gates = model.gate_weights()
+    assert gates[:4, 0].min() > 0.5 and gates[4:, 1].min() > 0.5
+
+
+def test_training_one_modality_never_changes_another_modalitys_outputs(model):
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x, "MRI").clone()
+    model.add_modality("fundus", 2, seed=3)
+    optimizer = torch.optim.AdamW(model.train_only("fundus"), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 1, 64, 64), "fundus").logsumexp(1).mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, "MRI"), before)
+
+
+def test_backbone_bytes_stay_identical_through_training(model):
+    fingerprint = model.backbone.fingerprint()
+    optimizer = torch.optim.AdamW(model.train_only("CT"), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 1, 64, 64), "CT").logsumexp(1).mean().backward()
+        optimizer.step()
+    assert model.backbone.fingerprint(recompute=True) == fingerprint
+
+
+def test_merge_matches_unmerged_and_unmerge_restores_exact_bytes(model):
+    x = torch.randn(2, 1, 64, 64)
+    fingerprint = model.backbone.fingerprint()
+    with torch.no_grad():
+        unmerged = model(x, "MRI")
+        model.merge("MRI")
+        merged = model(x, "MRI")
+        assert model.backbone.fingerprint(recompute=True) != fingerprint
+        with pytest.raises(ConfigError, match="merged"):
+            model(x, "CT")
+        model.unmerge()
+        after = model(x, "MRI")
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
+    assert model.backbone.fingerprint(recompute=True) == fingerprint
+    assert torch.equal(after, unmerged)
+
+
+def test_switching_modality_copies_no_tensor(model):
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    model.set_modality("MRI")
+    assert model.active_modality == "MRI"
+    model.set_modality("CT")
+    assert pointers == {name: p.data_ptr() for name, p in model.named_parameters()}
+
+
+def test_removing_a_modality_keeps_the_others(model):
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x, "CT")
+        model.remove_modality("MRI")
+        assert torch.equal(model(x, "CT"), before)
+    with pytest.raises(ConfigError, match="not loaded"):
+        model(x, "MRI")
+
+
+def test_unknown_modality_and_bad_routing_are_config_errors(model):
+    x = torch.randn(1, 1, 64, 64)
+    with pytest.raises(ConfigError, match="not loaded"):
+        model(x, "dermoscopy")
+    with pytest.raises(ConfigError, match="routing"):
+        model(x, "CT", routing="fuzzy")
+    with pytest.raises(ConfigError, match="invalid modality name"):
+        model.add_modality("../etc", 2)
