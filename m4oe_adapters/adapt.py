@@ -1,0 +1,176 @@
+"""Fitting one modality (or a new site of a known modality) from labelled images: select the data (modality,
+sites, a few shots, a validation split), build the segmenter for the chosen mode, train, and save the result with
+its provenance.
+
+    samples → select(modality, sites) → shots + validation split → datasets (preset, size, augmentation)
+            → build_segmenter(mode) → train → adapter file (experts/decoder) or baseline checkpoint
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .adapter_file import atomic_write, save_adapter
+from .backbones import Backbone
+from .config import DecoderConfig, ExpertConfig
+from .errors import DataError
+from .segmenters import ModalitySegmenter, build_segmenter
+from .training import TrainConfig, TrainResult, train
+
+
+@dataclass
+class FitResult:
+    segmenter: torch.nn.Module
+    result: TrainResult
+    train_samples: list
+    val_samples: list
+    num_classes: int
+    label_names: list[str]
+    preset: dict[str, Any]
+    output: Path | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def split_samples(samples: Sequence, shots: int | None, val_count: int, seed: int) -> tuple[list, list]:
+    """Pick ``shots`` training images and ``val_count`` validation images, disjoint, reproducibly.
+
+    Samples from the same source image (slices of one volume) stay on one side of the split.
+    """
+    groups: dict[str, list] = {}
+    for sample in samples:
+        groups.setdefault(str(sample.image), []).append(sample)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
+    train_keys = [key for key in keys if key not in set(val_keys)]
+    if shots is not None:
+        train_keys = train_keys[:shots]
+    train = [s for key in train_keys for s in groups[key]]
+    val = [s for key in val_keys for s in groups[key]]
+    if not train:
+        raise DataError(f"no training images left ({len(samples)} samples, {val_count} held out for validation)")
+    return train, val
+
+
+def count_classes(dataset, limit: int = 64) -> int:
+    """Largest class id seen in the first ``limit`` labels, plus one (at least 2)."""
+    highest = 1
+    for index in range(min(len(dataset), limit)):
+        highest = max(highest, int(dataset[index]["label"].max()))
+    return highest + 1
+
+
+def fit_modality(
+    backbone_factory: Callable[[], Backbone],
+    samples: Sequence,
+    modality: str,
+    *,
+    mode: str = "experts",
+    shots: int | None = None,
+    val_count: int = 4,
+    in_chans: int = 3,
+    size: tuple[int, int] = (224, 224),
+    resize_mode: str = "crop",
+    num_classes: int | None = None,
+    label_names: list[str] | None = None,
+    preset: dict[str, Any] | None = None,
+    expert_config: ExpertConfig | None = None,
+    decoder_config: DecoderConfig | None = None,
+    init_adapter: str | Path | None = None,
+    train_config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    dtype: str = "fp32",
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
+
+    Args:
+        backbone_factory: builds the frozen backbone (called once; not for ``scratch``).
+        shots: use only this many labelled training images (the few-label new-site case); ``None``: all.
+        val_count: images held out for validation / early stopping.
+        size: training input size (crops or resizes, see ``resize_mode``).
+        init_adapter: start from this adapter file (a known modality adapted to a new site).
+        output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
+    """
+    from .data import SegmentationDataset
+    from .presets import default_preset
+
+    train_config = train_config or TrainConfig()
+    train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
+    if init_adapter is not None and preset is None:
+        from .adapter_file import read_header
+
+        metadata, _ = read_header(init_adapter)
+        preset, label_names, num_classes = metadata["preset"], metadata["label_names"], metadata["num_classes"]
+    preset = preset or default_preset(modality)
+    train_set = SegmentationDataset(
+        train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=True,
+        seed=train_config.seed,
+    )
+    val_set = SegmentationDataset(
+        val_samples, preset=preset, in_channels=in_chans, size=size, mode="resize", augment=False
+    ) if val_samples else None
+    num_classes = num_classes or count_classes(train_set)
+    label_names = label_names or ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+    segmenter = build_segmenter(
+        mode, backbone_factory, modality, num_classes, label_names=label_names, preset=preset, input_size=size,
+        in_chans=in_chans, expert_config=expert_config, decoder_config=decoder_config,
+        init_adapter=None if init_adapter is None else str(init_adapter), seed=train_config.seed,
+    )
+    result = train(segmenter, train_set, val_set, num_classes, train_config, out_dir=out_dir, resume=resume,
+                   progress=progress)
+    sites = sorted({getattr(sample, "site", "") for sample in train_samples})
+    provenance = {
+        "mode": mode,
+        "sites": sites,
+        "datasets": sorted({getattr(sample, "dataset", "") for sample in train_samples}),
+        "num_labelled_images": len({str(sample.image) for sample in train_samples}),
+        "num_validation_images": len({str(sample.image) for sample in val_samples}),
+        "shots": shots,
+        "steps": result.steps_done,
+        "seed": train_config.seed,
+        "init_adapter": None if init_adapter is None else Path(init_adapter).name,
+        "train_size": list(size),
+        # How prediction must treat sizes: "crop" = trained on native-resolution crops, predict with sliding
+        # windows at native resolution; "resize" = trained on resized images, predict on the image resized alike.
+        "resize_mode": resize_mode,
+    }
+    fit = FitResult(segmenter, result, list(train_samples), list(val_samples), num_classes, label_names, preset,
+                    provenance=provenance)
+    if isinstance(segmenter, ModalitySegmenter):
+        info = segmenter.model.modalities[modality]
+        info.provenance = provenance
+        info.metrics = {"val_dice": result.best_val_dice, "val_images": provenance["num_validation_images"]}
+    if output is not None:
+        fit.output = save_result(fit, modality, output, dtype=dtype)
+    return fit
+
+
+def save_result(fit: FitResult, modality: str, path: str | Path, dtype: str = "fp32") -> Path:
+    """An adapter file for experts/decoder modes; a safetensors checkpoint + JSON sidecar for the baselines."""
+    segmenter = fit.segmenter
+    if isinstance(segmenter, ModalitySegmenter):
+        return save_adapter(segmenter.model, modality, path, dtype=dtype)
+    import safetensors.torch
+
+    tensors = {key: value.contiguous() for key, value in segmenter.checkpoint_state().items()}
+    sidecar = {
+        "mode": segmenter.mode,
+        "modality": modality,
+        "num_classes": fit.num_classes,
+        "label_names": fit.label_names,
+        "preset": fit.preset,
+        "provenance": fit.provenance,
+        "metrics": {"val_dice": fit.result.best_val_dice},
+    }
+    path = Path(path)
+    atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={
+        "m4oe_baseline": json.dumps(sidecar)}))
+    return path

@@ -1,0 +1,194 @@
+"""Evaluation at native resolution: per image, per class and per site Dice/HD95, and the site-generalisation
+protocol (train on some sites, test on others) of Cekmeceli et al. 2024, for every training mode.
+
+    samples → read image + mask → preset → sliding-window logits (or resize) → mask → MONAI Dice, HD95 → summary
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError, M4oEError
+from .inference import round_to_32, segment
+from .metrics import score_mask, summarise
+
+
+@dataclass
+class Prepared:
+    """One evaluation image: preprocessed tensor ``[C, H, W]``, label ``[H, W]`` and where it came from."""
+
+    image: torch.Tensor
+    label: np.ndarray
+    raw: np.ndarray
+    sample: Any
+
+
+def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
+    """Read one sample at native resolution and apply the modality's preset and channel conversion."""
+    from .data import load_pair
+    from .data.datasets import convert_channels
+    from .presets import apply_preset
+
+    image, label, _ = load_pair(sample)
+    normalised = apply_preset(image, preset)
+    tensor = torch.from_numpy(np.ascontiguousarray(convert_channels(normalised, in_chans))).float()
+    return Prepared(tensor, np.asarray(label), image, sample)
+
+
+def predict_mask(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    input_size: Sequence[int],
+    resize_mode: str = "crop",
+) -> torch.Tensor:
+    """``[H, W]`` class ids for a preprocessed ``[C, H, W]`` image, the way the expert was trained (see
+    :func:`m4oe_adapters.adapt.fit_modality`: native-resolution windows for ``crop``, resized input for ``resize``)."""
+    if resize_mode == "resize":
+        height, width = image.shape[-2:]
+        small = F.interpolate(image[None], size=round_to_32(input_size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            logits = predictor(small)
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return logits[0].argmax(0)
+    mask, _ = segment(predictor, image, input_size)
+    return mask
+
+
+def evaluate_samples(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    samples: Sequence,
+    *,
+    preset: dict[str, Any],
+    in_chans: int,
+    num_classes: int,
+    label_names: Sequence[str],
+    input_size: Sequence[int],
+    resize_mode: str = "crop",
+    extra: dict[str, Any] | None = None,
+    keep_predictions: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Score every sample; bad files are skipped and reported, not fatal.
+
+    Returns:
+        ``(rows, skipped)``: one row per image and class (``label`` = class name, plus a ``mean`` row per image)
+        with dataset, site, image path, dice, hd95 and ``extra`` fields; and ``[{path, error}]`` for skipped files.
+    """
+    rows, skipped = [], []
+    for sample in samples:
+        try:
+            prepared = prepare(sample, preset, in_chans)
+        except M4oEError as error:
+            skipped.append({"path": str(sample.image), "error": str(error)})
+            continue
+        mask = predict_mask(predictor, prepared.image, input_size, resize_mode).numpy()
+        label = prepared.label
+        if label.max() >= num_classes:
+            skipped.append({"path": str(sample.mask), "error": f"label value {label.max()} >= {num_classes} classes"})
+            continue
+        scores = score_mask(mask, label, num_classes)
+        base = {
+            "dataset": getattr(sample, "dataset", ""),
+            "site": getattr(sample, "site", ""),
+            "image": str(sample.image),
+            **(extra or {}),
+        }
+        for index, score in scores.items():
+            rows.append({**base, "label": label_names[index], **score})
+        image_dice = [score["dice"] for score in scores.values()]
+        image_hd = [score["hd95"] for score in scores.values() if np.isfinite(score["hd95"])]
+        mean_row = {**base, "label": "mean", "dice": float(np.mean(image_dice)),
+                    "hd95": float(np.mean(image_hd)) if image_hd else float("nan")}
+        if keep_predictions:
+            mean_row["_prediction"] = mask
+            mean_row["_label"] = label
+            mean_row["_raw"] = prepared.raw
+        rows.append(mean_row)
+    return rows, skipped
+
+
+def write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: list[dict[str, Any]],
+                  title: str, notes: Sequence[str] = ()) -> dict[str, Path]:
+    """``metrics.csv``, ``metrics.json``, ``report.md``, a Dice plot per site and mode, and best/worst overlays."""
+    import csv
+
+    from .adapter_file import atomic_write
+    from .reporting import dice_plot, overlay_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    columns = list(dict.fromkeys(key for row in public for key in row))
+
+    def write_csv(temporary: str) -> None:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(public)
+
+    atomic_write(out / "metrics.csv", write_csv)
+    per_image = [row for row in public if row["label"] == "mean"]
+    per_class = [row for row in public if row["label"] != "mean"]
+    summary_site = summarise(per_image, ("mode", "shots", "domain", "site"))
+    summary_class = summarise(per_class, ("mode", "shots", "domain", "site", "label"))
+    document = {"title": title, "summary": summary_site, "per_class": summary_class, "images": public,
+                "skipped": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    text = json.dumps(document, indent=1, default=float)
+    atomic_write(out / "metrics.json", lambda temporary: Path(temporary).write_text(text))
+    outputs = {"csv": out / "metrics.csv", "json": out / "metrics.json"}
+    with_predictions = [row for row in rows if "_prediction" in row]
+    overlays = []
+    if with_predictions:
+        ordered = sorted(with_predictions, key=lambda row: row["dice"])
+        for tag, row in (("worst", ordered[0]), ("best", ordered[-1])):
+            path = out / f"overlay_{tag}.png"
+            overlay_png(row["_raw"], row["_prediction"], row["_label"], path,
+                        title=f"{tag}: {Path(row['image']).name} Dice {row['dice']:.3f}")
+            overlays.append(path)
+    plot = dice_plot(summary_site, out / "dice_per_site.png")
+    lines = [f"# {title}", ""] + [f"- {note}" for note in notes] + ["", "## Dice per site (mean over classes)", ""]
+    lines += markdown_table(summary_site)
+    lines += ["", "## Per class", ""] + markdown_table(summary_class)
+    if skipped:
+        lines += ["", f"## Skipped files ({len(skipped)})", ""] + [f"- `{s['path']}`: {s['error']}" for s in skipped]
+    if overlays:
+        lines += ["", "## Best and worst cases (green: expert mask, red: prediction)", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in overlays]
+    if plot:
+        lines += ["", f"![Dice per site]({plot.name})"]
+    report = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda temporary: Path(temporary).write_text(report))
+    outputs["report"] = out / "report.md"
+    return outputs
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> list[str]:
+    if not summary:
+        return ["(no images scored)"]
+    keys = [k for k in ("mode", "shots", "domain", "site", "label") if k in summary[0]]
+    header = keys + ["images", "Dice (95% CI)", "HD95 px (95% CI)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in summary:
+        dice = format_interval(entry["dice"], entry["dice_low"], entry["dice_high"], scale=100)
+        hd95 = format_interval(entry["hd95"], entry["hd95_low"], entry["hd95_high"])
+        lines.append("| " + " | ".join([str(entry[k]) for k in keys] + [str(entry["images"]), dice, hd95]) + " |")
+    return lines
+
+
+def format_interval(mean: float, low: float, high: float, scale: float = 1.0) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    if not np.isfinite(low):
+        return f"{mean * scale:.1f}"
+    return f"{mean * scale:.1f} ({low * scale:.1f}–{high * scale:.1f})"
+
+
+def check_samples(samples: Sequence, what: str) -> None:
+    if not samples:
+        raise DataError(f"no {what} images: check --modality, --sites and the data path")

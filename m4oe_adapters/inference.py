@@ -1,0 +1,58 @@
+"""Native-resolution inference: MONAI sliding-window inference over windows of the size the expert was trained
+at, so memory stays bounded for any image size (a 2828×2320 X-ray runs as overlapping 224×224 windows)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import DataError
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def round_to_32(size: Sequence[int]) -> tuple[int, int]:
+    return tuple(max(32, (int(s) + 31) // 32 * 32) for s in size)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    predictor: Predictor,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    *,
+    overlap: float = 0.25,
+    window_batch: int = 4,
+) -> torch.Tensor:
+    """Logits of one preprocessed image.
+
+    Args:
+        predictor: ``[N, C, h, w] → [N, K, h, w]`` (e.g. ``lambda x: model(x, "fundus")``).
+        image: ``[C, H, W]`` float, already preprocessed; any ``H, W``.
+        roi_size: window ``(h, w)`` in pixels, rounded up to multiples of 32.
+        overlap: fraction of overlap between windows (blended with a Gaussian weight).
+        window_batch: windows per forward pass (bounds memory).
+
+    Returns:
+        ``[K, H, W]`` logits at the image's own resolution.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if image.dim() != 3:
+        raise DataError(f"expected one image [C, H, W], got shape {tuple(image.shape)}")
+    if not bool(torch.isfinite(image).all()):
+        raise DataError("the image holds NaN or Inf values after preprocessing")
+    roi = round_to_32(roi_size)
+    logits = sliding_window_inference(
+        image[None].float(), roi, window_batch, predictor, overlap=overlap, mode="gaussian", padding_mode="constant"
+    )
+    return logits[0]
+
+
+def segment(
+    predictor: Predictor, image: torch.Tensor, roi_size: Sequence[int], **options
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [H, W] int64, probabilities [K, H, W])`` of one preprocessed image."""
+    logits = sliding_window_logits(predictor, image, roi_size, **options)
+    probabilities = logits.softmax(dim=0)
+    return probabilities.argmax(dim=0), probabilities
