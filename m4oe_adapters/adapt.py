@@ -92,7 +92,8 @@ def fit_modality(
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
     Args:
-        backbone_factory: builds the frozen backbone (called once; not for ``scratch``).
+        backbone_factory: builds the frozen backbone (called once; not for ``scratch``). Its channel count
+            overrides ``in_chans``.
         shots: use only this many labelled training images (the few-label new-site case); ``None``: all.
         val_count: images held out for validation / early stopping.
         size: training input size (crops or resizes, see ``resize_mode``).
@@ -103,6 +104,9 @@ def fit_modality(
     from .presets import default_preset
 
     train_config = train_config or TrainConfig()
+    backbone = None if mode == "scratch" else backbone_factory()
+    if backbone is not None:
+        in_chans = backbone.in_chans  # the backbone decides; images are converted to match
     train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
     if init_adapter is not None and preset is None:
         from .adapter_file import read_header
@@ -120,7 +124,7 @@ def fit_modality(
     num_classes = num_classes or count_classes(train_set)
     label_names = label_names or ["background"] + [f"class_{i}" for i in range(1, num_classes)]
     segmenter = build_segmenter(
-        mode, backbone_factory, modality, num_classes, label_names=label_names, preset=preset, input_size=size,
+        mode, lambda: backbone, modality, num_classes, label_names=label_names, preset=preset, input_size=size,
         in_chans=in_chans, expert_config=expert_config, decoder_config=decoder_config,
         init_adapter=None if init_adapter is None else str(init_adapter), seed=train_config.seed,
     )

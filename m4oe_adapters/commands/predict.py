@@ -1,0 +1,41 @@
+"""``m4oe predict``: masks for images, volumes or folders, routed to each input's adapter."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_backbone_arguments, load_backbone_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="segment images, volumes or folders with one or more adapters")
+    parser.add_argument("inputs", nargs="+", help="image files, NIfTI volumes or folders")
+    parser.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to load several)")
+    add_backbone_arguments(parser, required=False)
+    parser.add_argument("--modality", default=None,
+                        help="modality of every input (default: DICOM tag or the only loaded adapter)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
+    parser.add_argument("--slice-axis", type=int, default=2, help="axis along which volumes are sliced")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapter_file import load_adapter, model_from_adapter
+    from ..prediction import predict_files
+
+    first, *rest = args.adapter
+    backbone = load_backbone_from_args(args) if args.backbone else None
+    model = model_from_adapter(first, args.weights, backbone=backbone)
+    for path in rest:
+        load_adapter(model, path)
+    results = predict_files(model, args.inputs, args.out, modality=args.modality, overlays=args.overlay,
+                            slice_axis=args.slice_axis)
+    failed = [r for r in results if r.error]
+    for result in results:
+        if result.error:
+            print(f"SKIPPED {result.source}: {result.error}", file=sys.stderr)
+        else:
+            print(f"{result.source} [{result.modality}] -> {result.output}")
+    print(f"{len(results) - len(failed)} segmented, {len(failed)} skipped")
+    return 1 if failed and len(failed) == len(results) else 0

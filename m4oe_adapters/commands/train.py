@@ -1,0 +1,78 @@
+"""``m4oe train``: fit one modality's adapter (or a baseline) on a frozen backbone from labelled images."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_backbone_arguments, load_backbone_from_args
+from .data_args import add_data_arguments, comma_list, select_samples
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train one modality's adapter (or a baseline) on a frozen backbone")
+    add_backbone_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--modality", required=True, help="modality name (also selects manifest rows)")
+    parser.add_argument("--sites", default=None, help="comma-separated training sites (default: all)")
+    parser.add_argument("--shots", type=int, default=None, help="use only N labelled images (few-label new site)")
+    parser.add_argument("--val", type=int, default=4, help="images held out for validation/early stopping")
+    parser.add_argument("--init", default=None, help="start from this adapter file (adapt a known modality)")
+    parser.add_argument("--mode", default="experts", choices=["experts", "decoder", "lora", "full", "scratch"])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--targets", default=None, help="regex of the linears that get experts")
+    parser.add_argument("--size", type=int, default=224, help="training input size (multiple of 32)")
+    parser.add_argument("--resize", choices=["crop", "resize"], default="crop",
+                        help="crop: native-resolution crops (predict with sliding windows); resize: whole image")
+    parser.add_argument("--classes", type=int, default=None, help="class count (default: from the masks)")
+    parser.add_argument("--labels", default=None, help="comma-separated class names, background first")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=None, help="early stopping: validations without gain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    parser.add_argument("--out-dir", default=None, help="folder for checkpoint.pt and log.csv")
+    parser.add_argument("--output", "-o", required=True, help="adapter file (.safetensors) to write")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapt import fit_modality
+    from ..config import ExpertConfig
+    from ..training import TrainConfig, distributed_context
+
+    samples = select_samples(args, args.modality, comma_list(args.sites))
+    backbone_args = args
+    in_chans = args.in_chans or 3
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.output).with_suffix("").with_name(
+        Path(args.output).stem + "_run")
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch, lr=args.lr, val_every=args.val_every, patience=args.patience,
+        seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )
+    labels = comma_list(args.labels)
+    fit = fit_modality(
+        lambda: load_backbone_from_args(backbone_args), samples, args.modality, mode=args.mode, shots=args.shots,
+        val_count=args.val, in_chans=in_chans, size=(args.size, args.size), resize_mode=args.resize,
+        num_classes=args.classes or (len(labels) if labels else None), label_names=labels,
+        expert_config=ExpertConfig(rank=args.rank, alpha=args.alpha, target_pattern=args.targets),
+        init_adapter=args.init, train_config=config, out_dir=out_dir, resume=args.resume,
+        progress=not args.no_progress,
+    )
+    rank, _ = distributed_context()
+    if rank == 0:
+        from ..adapt import save_result
+
+        path = save_result(fit, args.modality, args.output, dtype=args.dtype)
+        dice = fit.result.best_val_dice
+        print(
+            f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {args.mode}, {len(fit.train_samples)} training / "
+            f"{len(fit.val_samples)} validation images, best validation Dice "
+            f"{'n/a' if dice is None else f'{dice:.3f}'} at step {fit.result.best_step}; log {out_dir / 'log.csv'}"
+        )
+    return 0

@@ -1,0 +1,94 @@
+"""The site-generalisation protocol (Cekmeceli et al. 2024): train on the images of some sites, test on held-out
+images of those sites (in-domain) and on every image of sites never seen (out-of-domain), for each training mode and
+number of labelled images.
+
+    pool of train sites ─┬─ in-domain test images (the dataset's own ``test`` split, else a seeded 30%)
+                         └─ remaining images → shots + validation → fit (per mode) → evaluate in- and out-of-domain
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .adapt import fit_modality
+from .backbones import Backbone
+from .errors import DataError
+from .evaluation import evaluate_samples
+from .training import TrainConfig
+
+
+def split_in_domain(pool: Sequence, seed: int, test_fraction: float = 0.3) -> tuple[list, list]:
+    """``(development, in-domain test)`` images of the training sites."""
+    marked = [s for s in pool if getattr(s, "split_hint", "") == "test"]
+    if marked and len(marked) < len(pool):
+        return [s for s in pool if getattr(s, "split_hint", "") != "test"], marked
+    images = sorted({str(s.image) for s in pool})
+    random.Random(seed).shuffle(images)
+    held = set(images[: max(1, round(test_fraction * len(images)))])
+    return [s for s in pool if str(s.image) not in held], [s for s in pool if str(s.image) in held]
+
+
+def run_protocol(
+    backbone_factory: Callable[[], Backbone],
+    samples: Sequence,
+    modality: str,
+    *,
+    train_sites: Sequence[str],
+    test_sites: Sequence[str],
+    modes: Sequence[str] = ("experts",),
+    shots: Sequence[int | None] = (None,),
+    train_config: TrainConfig | None = None,
+    in_chans: int = 3,
+    size: tuple[int, int] = (224, 224),
+    resize_mode: str = "crop",
+    val_count: int = 4,
+    expert_config=None,
+    max_test_images: int | None = None,
+    keep_predictions: bool = True,
+    save_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fit each (mode, shots) on ``train_sites`` and score it in- and out-of-domain.
+
+    Returns:
+        ``(rows, skipped)`` as :func:`~m4oe_adapters.evaluation.evaluate_samples`, each row tagged with ``mode``,
+        ``shots`` (``"all"`` for every image) and ``domain`` (``"in"``/``"out"``).
+    """
+    train_config = train_config or TrainConfig()
+    pool = [s for s in samples if s.site in set(train_sites)]
+    if not pool:
+        raise DataError(f"no {modality} images from training sites {list(train_sites)}")
+    development, in_domain = split_in_domain(pool, train_config.seed)
+    out_domain = {site: [s for s in samples if s.site == site] for site in test_sites}
+    for site, members in out_domain.items():
+        if not members:
+            raise DataError(f"no {modality} images from test site {site!r}")
+    if max_test_images:
+        in_domain = in_domain[:max_test_images]
+        out_domain = {site: members[:max_test_images] for site, members in out_domain.items()}
+    rows, skipped = [], []
+    for mode in modes:
+        for shot in shots:
+            tag = "all" if shot is None else shot
+            log(f"[{modality}] mode={mode} shots={tag}: training on {', '.join(train_sites)}")
+            output = None if save_dir is None else Path(save_dir) / f"{modality}_{mode}_{tag}.safetensors"
+            fit = fit_modality(
+                backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
+                in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
+                train_config=train_config, output=output, progress=progress,
+            )
+            fit.segmenter.eval()
+            for domain, site, members in [("in", ",".join(train_sites), in_domain)] + [
+                ("out", site, members) for site, members in out_domain.items()
+            ]:
+                extra = {"mode": mode, "shots": tag, "domain": domain, "site": site}
+                found, bad = evaluate_samples(
+                    fit.segmenter, members, preset=fit.preset, in_chans=in_chans, num_classes=fit.num_classes,
+                    label_names=fit.label_names, input_size=size, resize_mode=resize_mode, extra=extra,
+                    keep_predictions=keep_predictions,
+                )
+                rows += found
+                skipped += bad
+    return rows, skipped
