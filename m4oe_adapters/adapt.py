@@ -119,7 +119,7 @@ def fit_modality(
         seed=train_config.seed,
     )
     val_set = SegmentationDataset(
-        val_samples, preset=preset, in_channels=in_chans, size=size, mode="resize", augment=False
+        val_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=False
     ) if val_samples else None
     num_classes = num_classes or count_classes(train_set)
     label_names = label_names or ["background"] + [f"class_{i}" for i in range(1, num_classes)]

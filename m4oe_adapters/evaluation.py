@@ -32,13 +32,10 @@ class Prepared:
 
 def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
     """Read one sample at native resolution and apply the modality's preset and channel conversion."""
-    from .data import load_pair
-    from .data.datasets import convert_channels
-    from .presets import apply_preset
+    from .data import load_pair, normalise
 
-    image, label, _ = load_pair(sample)
-    normalised = apply_preset(image, preset)
-    tensor = torch.from_numpy(np.ascontiguousarray(convert_channels(normalised, in_chans))).float()
+    image, label, meta = load_pair(sample)
+    tensor = torch.from_numpy(np.ascontiguousarray(normalise(image, meta, preset, in_chans))).float()
     return Prepared(tensor, np.asarray(label), image, sample)
 
 

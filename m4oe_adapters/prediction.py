@@ -69,14 +69,13 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict)
     )
 
 
-def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str) -> np.ndarray:
+def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None) -> np.ndarray:
     """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size."""
-    from .data.datasets import convert_channels
-    from .presets import apply_preset
+    from .data import normalise
 
     info = model.modalities[modality]
-    image = torch.from_numpy(np.ascontiguousarray(convert_channels(apply_preset(raw, info.preset),
-                                                                   model.backbone.in_chans))).float()
+    image = torch.from_numpy(np.ascontiguousarray(normalise(raw, meta or {}, info.preset,
+                                                            model.backbone.in_chans))).float()
     resize_mode = info.provenance.get("resize_mode", "crop")
     model.eval()
     return predict_mask(lambda x: model(x, modality), image, info.input_size, resize_mode).numpy()
@@ -116,14 +115,15 @@ def predict_files(
                 volume, affine = read_volume(source)
                 chosen = choose_modality(model, modality, {"source": source})
                 slices = np.moveaxis(np.asarray(volume, dtype=np.float32), slice_axis, 0)
-                masks = [predict_array(model, slice_[None], chosen) for slice_ in slices]
+                meta = {"dtype": str(volume.dtype)}
+                masks = [predict_array(model, slice_[None], chosen, meta) for slice_ in slices]
                 mask = np.moveaxis(np.stack(masks), 0, slice_axis).astype(np.uint8)
                 write_mask(mask, target, affine=affine)
                 results.append(PredictionResult(source, target, chosen))
                 continue
             record = read_image(source)
             chosen = choose_modality(model, modality, {**record.meta, "source": source})
-            mask = predict_array(model, record.array, chosen)
+            mask = predict_array(model, record.array, chosen, record.meta)
             write_mask(mask.astype(np.uint8), target)
             result = PredictionResult(source, target, chosen)
             if overlays:

@@ -1,0 +1,126 @@
+"""Training datasets: samples → cached preprocessed arrays → MONAI dictionary transforms → tensors.
+
+Each item is ``{"image": FloatTensor [C, H, W], "label": LongTensor [1, H, W], "modality", "site", "path"}``.
+Sizes: ``mode="crop"`` takes native-resolution crops of ``size`` (padded when the image is smaller; random when
+augmenting, centred otherwise), ``mode="resize"`` resizes the whole image (labels with nearest neighbour),
+``size=None`` keeps the native size. Augmentation is seeded per sample (:meth:`set_sample_seed`), so a run is
+reproducible and resumable.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..presets import apply_preset, default_preset
+from .manifest import Sample, load_pair
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``[C, H, W]`` → ``[channels, H, W]``: RGB → grey by luminance (ITU-R 601), grey → RGB by repetition."""
+    current = image.shape[0]
+    if current == channels:
+        return image
+    if current == 3 and channels == 1:
+        weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)[:, None, None]
+        return (image * weights).sum(axis=0, keepdims=True).astype(np.float32)
+    if current == 1:
+        return np.repeat(image, channels, axis=0)
+    from .errors import ImageReadError
+
+    raise ImageReadError(f"cannot convert a {current}-channel image to {channels} channels")
+
+
+def normalise(image: np.ndarray, meta: dict[str, Any], preset: dict[str, Any], channels: int) -> np.ndarray:
+    """Preset (with the source pixel type, so 8-bit CT is not re-windowed), then channel conversion."""
+    return convert_channels(apply_preset(image, preset, source_dtype=meta.get("dtype")), channels)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Labelled 2D samples of one modality, preprocessed and (optionally) augmented.
+
+    Args:
+        samples: from :func:`~m4oe_adapters.data.read_manifest` or :func:`samples_from_folders`.
+        preset: intensity preset (default: the modality's).
+        in_channels: channels the backbone takes (1 or 3).
+        size: ``(H, W)`` training size, or ``None`` for native size.
+        mode: ``"crop"`` or ``"resize"``.
+        augment: random flips, 90° rotations and intensity jitter.
+        seed: base seed of the augmentation.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        *,
+        preset: dict[str, Any] | None = None,
+        in_channels: int = 3,
+        size: tuple[int, int] | None = (224, 224),
+        mode: str = "crop",
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        from monai.transforms import (
+            CenterSpatialCropd,
+            Compose,
+            RandFlipd,
+            RandRotate90d,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+            RandSpatialCropd,
+            Resized,
+            SpatialPadd,
+        )
+
+        self.samples = list(samples)
+        self.preset = preset or default_preset(self.samples[0].modality if self.samples else "")
+        self.in_channels = in_channels
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        keys = ["image", "label"]
+        steps: list = []
+        if size is not None:
+            if mode == "resize":
+                steps.append(Resized(keys, spatial_size=size, mode=("bilinear", "nearest")))
+            elif mode == "crop":
+                steps.append(SpatialPadd(keys, spatial_size=size))
+                steps.append(RandSpatialCropd(keys, roi_size=size, random_size=False) if augment
+                             else CenterSpatialCropd(keys, roi_size=size))
+            else:
+                raise ValueError(f"mode must be 'crop' or 'resize', got {mode!r}")
+        if augment:
+            steps += [
+                RandFlipd(keys, prob=0.5, spatial_axis=1),
+                RandFlipd(keys, prob=0.2, spatial_axis=0),
+                RandRotate90d(keys, prob=0.3, max_k=3) if size is None or size[0] == size[1] else RandFlipd(keys, prob=0),
+                RandScaleIntensityd("image", factors=0.1, prob=0.5),
+                RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            ]
+        self.transform = Compose(steps)
+        self.transform.set_random_state(seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_sample_seed(self, seed: int) -> None:
+        self.transform.set_random_state(seed=seed)
+
+    def preprocessed(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image [C, H, W], mask [H, W])`` after the preset, at native resolution (cached)."""
+        if index not in self._cache:
+            image, mask, meta = load_pair(self.samples[index])
+            self._cache[index] = (normalise(image, meta, self.preset, self.in_channels), mask)
+        return self._cache[index]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.preprocessed(index)
+        item = self.transform({"image": torch.from_numpy(image.copy()), "label": torch.from_numpy(mask[None].copy())})
+        sample = self.samples[index]
+        image, label = item["image"], item["label"]
+        return {
+            "image": (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)).float(),
+            "label": (label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)).long(),
+            "modality": sample.modality,
+            "site": sample.site,
+            "path": str(sample.image),
+        }
