@@ -103,7 +103,11 @@ def fit_modality(
     from .data import SegmentationDataset
     from .presets import default_preset
 
+    from .data import label_names as dataset_label_names
+    from .training import seed_everything
+
     train_config = train_config or TrainConfig()
+    seed_everything(train_config.seed)  # a random-weight backbone must be the same in two runs
     backbone = None if mode == "scratch" else backbone_factory()
     if backbone is not None:
         in_chans = backbone.in_chans  # the backbone decides; images are converted to match
@@ -122,7 +126,7 @@ def fit_modality(
         val_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=False
     ) if val_samples else None
     num_classes = num_classes or count_classes(train_set)
-    label_names = label_names or ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+    label_names = label_names or dataset_label_names(train_samples[0].dataset, num_classes)
     segmenter = build_segmenter(
         mode, lambda: backbone, modality, num_classes, label_names=label_names, preset=preset, input_size=size,
         in_chans=in_chans, expert_config=expert_config, decoder_config=decoder_config,

@@ -54,7 +54,8 @@ def mean_interval(values: Iterable[float]) -> dict[str, float]:
 
 
 def summarise(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("mode", "site", "label")) -> list[dict[str, Any]]:
-    """Group per-image rows by ``keys`` (those present) and give Dice and HD95 mean ± 95% interval per group.
+    """Group per-image rows by ``keys`` (those present) and give Dice and HD95 mean ± 95% interval per group
+    (t-interval, clipped to the metric's range).
 
     A row's ``dice``/``hd95`` are per image and class; an image's overall score is the mean over its classes
     (``label == "mean"`` rows, when the caller added them).
@@ -72,10 +73,10 @@ def summarise(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("mode", "site
             {
                 "images": len(members),
                 "dice": dice["mean"],
-                "dice_low": dice["low"],
-                "dice_high": dice["high"],
+                "dice_low": max(0.0, dice["low"]) if math.isfinite(dice["low"]) else dice["low"],
+                "dice_high": min(1.0, dice["high"]) if math.isfinite(dice["high"]) else dice["high"],
                 "hd95": hd95["mean"],
-                "hd95_low": hd95["low"],
+                "hd95_low": max(0.0, hd95["low"]) if math.isfinite(hd95["low"]) else hd95["low"],
                 "hd95_high": hd95["high"],
             }
         )

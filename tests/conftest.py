@@ -34,8 +34,9 @@ def timm_checkpoint(tmp_path: Path) -> Path:
 
 
 def tiny_backbone(weights=None, in_chans: int = 1, seed: int = 0):
-    torch.manual_seed(seed)
-    return load_backbone(f"timm:{TIMM_NAME}", weights, in_chans=in_chans, img_size=64, model_args=TINY_TIMM)
+    return load_backbone(
+        f"timm:{TIMM_NAME}", weights, in_chans=in_chans, img_size=64, model_args=TINY_TIMM, random_seed=seed
+    )
 
 
 def tiny_model(weights=None, in_chans: int = 1, rank: int = 4, modalities=("CT", "MRI"), trained=True, seed=0):

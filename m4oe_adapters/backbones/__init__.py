@@ -38,6 +38,7 @@ def load_backbone(
     in_chans: int | None = None,
     img_size: int = 224,
     model_args: dict[str, Any] | None = None,
+    random_seed: int = 0,
 ) -> Backbone:
     """Build a frozen Swin backbone from a spec and local weights.
 
@@ -47,13 +48,21 @@ def load_backbone(
         in_chans: input channels (default: the checkpoint's, or 3 for timm/transformers and 1 for MONAI at random).
         img_size: nominal input size in pixels (any multiple of 32 runs).
         model_args: architecture arguments (needed for random weights; checkpoints carry their own).
+        random_seed: random weights are drawn from this seed (without touching the caller's RNG), so the same
+            random backbone, and its fingerprint, can be rebuilt in another process.
     """
     family, name = parse_spec(spec)
     if isinstance(weights, str) and weights.lower() == "none":
         weights = None
     if weights is not None and not Path(weights).exists():
         raise BackboneError(f"{weights}: backbone weights not found (pass a local checkpoint, or 'none' for random)")
-    return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
+    if weights is not None:
+        return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_seed)
+        return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
 
 
 def backbone_from_identity(identity: dict[str, Any], weights: str | Path | None) -> Backbone:
