@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from .config import DecoderConfig, ExpertConfig
+from .config import MODALITY_NAME, DecoderConfig, ExpertConfig
 from .errors import AdapterFormatError, BackboneMismatchError, ConfigError, M4oEError
 from .model import DECODER_PREFIX, EXPERT_PREFIX, ModalityInfo, SegmentationModel
+from .presets import validate_preset
 
 FORMAT = "m4oe-adapter"
 FORMAT_VERSION = 1
@@ -64,6 +65,21 @@ def atomic_write(path: str | Path, write: Any) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def cleanup_stale_temporaries(folder: str | Path, older_than_seconds: float = 0.0) -> int:
+    """Remove temporary files (``.<name>.*.tmp``) that a killed writer left in ``folder``; returns how many.
+
+    They never carry a final name, so readers ignore them; this only reclaims the space.
+    """
+    import time
+
+    removed = 0
+    for path in Path(folder).glob(".*.tmp"):
+        if time.time() - path.stat().st_mtime >= older_than_seconds:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------- metadata
@@ -110,7 +126,11 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
             "upgrade m4oe-adapters or re-export the adapter",
         )
     modality = metadata.get("modality")
-    _require(isinstance(modality, str) and 0 < len(modality) <= 64, path, f"bad modality name {modality!r}")
+    _require(
+        isinstance(modality, str) and MODALITY_NAME.fullmatch(modality) is not None,
+        path,
+        f"bad modality name {str(modality)[:80]!r} (1-64 letters, digits, '_' or '-')",
+    )
     num_classes = metadata.get("num_classes")
     _require(
         isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 1024,
@@ -124,7 +144,13 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         "label_names must be a list of strings (at most 128 characters each)",
     )
     _require(len(labels) == num_classes, path, f"{len(labels)} label names for {num_classes} classes")
-    _require(isinstance(metadata.get("preset"), dict), path, "preset must be an object")
+    preset = metadata.get("preset")
+    _require(isinstance(preset, dict), path, "preset must be an object")
+    if preset:
+        try:
+            validate_preset(preset)
+        except ConfigError as error:
+            raise _fail(path, f"bad preset: {error}") from None
     in_chans = metadata.get("in_chans")
     _require(isinstance(in_chans, int) and 1 <= in_chans <= 64, path, f"in_chans must be in [1, 64], got {in_chans!r}")
     size = metadata.get("input_size")
@@ -136,7 +162,7 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     try:
         ExpertConfig.from_dict(metadata.get("expert"))
         DecoderConfig.from_dict(metadata.get("decoder"))
-    except ConfigError as error:
+    except (ConfigError, TypeError, ValueError) as error:
         raise _fail(path, f"bad expert/decoder config: {error}") from None
     backbone = metadata.get("backbone")
     _require(isinstance(backbone, dict), path, "backbone identity missing")
@@ -150,29 +176,45 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- header
-def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _source_name(source, name: str | None) -> str:
+    return name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+
+
+def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse and check a safetensors header by hand (bounded size, known dtypes, offsets inside the file).
+
+    Args:
+        source: a file path, or the file's bytes (``name`` then labels error messages).
 
     Returns:
         ``(metadata, tensor_entries)``: the validated m4oe metadata and ``{name: {dtype, shape, data_offsets}}``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: adapter file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        _require(len(prefix) == 8, path, "truncated: shorter than a safetensors header (not an adapter file?)")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
-            raise _fail(path, "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files")
-        _require(
-            0 < header_length <= MAX_HEADER_BYTES,
-            path,
-            f"header length {header_length} is outside 1..{MAX_HEADER_BYTES} bytes: not a safetensors file, or corrupt",
-        )
-        _require(header_length + 8 <= size, path, "truncated: the header runs past the end of the file")
-        raw = stream.read(header_length)
+    path = _source_name(source, name)
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+        prefix = bytes(source[:8])
+    else:
+        if not Path(source).is_file():
+            raise AdapterFormatError(f"{path}: adapter file not found")
+        size = Path(source).stat().st_size
+        with open(source, "rb") as stream:
+            prefix = stream.read(8)
+    _require(len(prefix) == 8, path, "truncated: shorter than a safetensors header (not an adapter file?)")
+    (header_length,) = struct.unpack("<Q", prefix)
+    if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+        raise _fail(path, "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files")
+    _require(
+        0 < header_length <= MAX_HEADER_BYTES,
+        path,
+        f"header length {header_length} is outside 1..{MAX_HEADER_BYTES} bytes: not a safetensors file, or corrupt",
+    )
+    _require(header_length + 8 <= size, path, "truncated: the header runs past the end of the file")
+    if isinstance(source, (bytes, bytearray)):
+        raw = bytes(source[8 : 8 + header_length])
+    else:
+        with open(source, "rb") as stream:
+            stream.seek(8)
+            raw = stream.read(header_length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
@@ -221,21 +263,30 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return metadata, header
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Metadata and tensors of an adapter file, fully validated (finite values, consistent shapes)."""
-    metadata, header = read_header(path)
-    import safetensors
+def read_adapter(source: str | Path | bytes, name: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Metadata and tensors of an adapter (a path or the file's bytes), fully validated: header, metadata schema,
+    tensor names, finite values. Every failure is an :class:`AdapterFormatError` naming the file."""
+    path = _source_name(source, name)
+    metadata, header = read_header(source, name)
     import safetensors.torch
 
     try:
-        tensors = safetensors.torch.load_file(str(path))
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise _fail(path, f"corrupt tensor data ({str(error)[:200]})") from None
-    for name, tensor in tensors.items():
-        if not (name.startswith(EXPERT_PREFIX) or name.startswith(DECODER_PREFIX)):
-            raise _fail(path, f"unexpected tensor {name!r} (expected experts.* or decoder.*)")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise _fail(path, f"tensor {name!r} holds NaN or Inf values: the adapter is corrupt")
+        if isinstance(source, (bytes, bytearray)):
+            tensors = safetensors.torch.load(bytes(source))
+        else:
+            tensors = safetensors.torch.load_file(str(source))
+    except Exception as error:  # safetensors raises its own and Python errors for corrupt data: all mean corrupt
+        raise _fail(path, f"corrupt tensor data ({type(error).__name__}: {str(error)[:200]})") from None
+    if set(tensors) != set(header):
+        raise _fail(path, "tensor table and tensor data disagree")
+    dtypes = {tensor.dtype for tensor in tensors.values()}
+    if len(dtypes) > 1:
+        raise _fail(path, f"mixed tensor dtypes {sorted(str(d) for d in dtypes)}; an adapter has one dtype")
+    for tensor_name, tensor in tensors.items():
+        if not (tensor_name.startswith(EXPERT_PREFIX) or tensor_name.startswith(DECODER_PREFIX)):
+            raise _fail(path, f"unexpected tensor {tensor_name!r} (expected experts.* or decoder.*)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise _fail(path, f"tensor {tensor_name!r} holds NaN or Inf values: the adapter is corrupt")
     return metadata, tensors
 
 
@@ -314,9 +365,11 @@ def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors
 
 
 def load_adapter(
-    model: SegmentationModel, path: str | Path, *, replace: bool = False, force: bool = False
+    model: SegmentationModel, path: str | Path | bytes, *, replace: bool = False, force: bool = False,
+    name: str | None = None,
 ) -> ModalityInfo:
-    """Add the modality stored in ``path`` to ``model`` (experts, router keys, decoder, head, labels, preset).
+    """Add the modality stored in ``path`` (or the file's bytes) to ``model`` (experts, router keys, decoder,
+    head, labels, preset). A refused file leaves the model as it was.
 
     Args:
         replace: if the modality is already loaded, replace it (otherwise refuse).
@@ -324,7 +377,8 @@ def load_adapter(
 
     Returns: the new modality's :class:`ModalityInfo`.
     """
-    metadata, tensors = read_adapter(path)
+    metadata, tensors = read_adapter(path, name)
+    path = _source_name(path, name)
     check_compatible(model, metadata, tensors, path, force=force)
     name = metadata["modality"]
     if name in model.modalities:
