@@ -1,0 +1,321 @@
+"""``m4oe bench``: speed, memory and size of modality experts against PEFT LoRA, full fine-tuning and a frozen
+backbone, measured in one run on the same backbone, batch and image size.
+
+Timing: every configuration of a group is run round-robin (A B C A B C ...) after warm-up and the median of the
+repeats is kept, so slow drifts of a shared machine hit all configurations alike; ratios are the headline figures.
+
+Memory (CPU has no allocator statistics): the bytes a training step must hold, counted exactly, in two parts:
+*activations saved for backward* (every tensor autograd keeps, through ``saved_tensors_hooks``, each storage counted
+once) and *state* (parameters + gradients of trainable parameters + AdamW's two moments). Their sum is the step's
+peak memory apart from transient workspace.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .adapter_file import load_adapter, save_adapter
+from .backbones import load_backbone
+from .config import DecoderConfig, ExpertConfig
+from .model import SegmentationModel
+from .segmenters import BackboneSegmenter, ModalitySegmenter
+
+SWIN_T = "timm:swin_tiny_patch4_window7_224"
+TINY_ARGS = {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
+
+TARGETS = {
+    "experts_k4_vs_lora_time": 1.10,
+    "experts_k4_vs_lora_memory": 1.10,
+    "experts_vs_full_memory": 0.90,
+    "merged_vs_base_latency": 1.02,
+    "unmerged_vs_base_latency": 1.15,
+    "mixed4_vs_single_latency": 1.20,
+    "switch_ms": 5.0,
+    "adapter_load_ms": 100.0,
+    "file_vs_full": 1 / 20,
+}
+
+
+def median_round_robin(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, called round-robin ``repeats`` times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_index in range(warmup + repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            elapsed = time.perf_counter() - started
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``step()`` (forward only)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        if tensor.layout == torch.strided and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step()
+    del loss
+    return sum(storages.values())
+
+
+def state_bytes(module: nn.Module, parameters: list[nn.Parameter]) -> int:
+    """Parameters + gradients and AdamW moments of the trainable ones."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in parameters)
+    return total + 3 * trainable
+
+
+class TrainCase:
+    """One training configuration: a module, its trainable parameters and an AdamW step on a fixed batch."""
+
+    def __init__(self, name: str, module: nn.Module, parameters: list[nn.Parameter], images, labels) -> None:
+        self.name, self.module, self.parameters = name, module, parameters
+        self.images, self.labels = images, labels
+        self.optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+        self.module.train()
+
+    def loss(self) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.module(self.images), self.labels)
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.optimizer.step()
+
+    def memory(self) -> dict[str, int]:
+        activations = saved_activation_bytes(self.loss)
+        state = state_bytes(self.module, self.parameters)
+        return {"saved_activation_bytes": activations, "state_bytes": state, "total_bytes": activations + state}
+
+
+def build_backbone(spec: str, weights, img_size: int, model_args):
+    return load_backbone(spec, weights, in_chans=3, img_size=img_size, model_args=model_args)
+
+
+def expert_model(backbone_factory, rank: int, modalities: int) -> SegmentationModel:
+    model = SegmentationModel(backbone_factory(), ExpertConfig(rank=rank), DecoderConfig())
+    for index in range(modalities):
+        model.add_modality(f"m{index}", 2, seed=index)
+        with torch.no_grad():  # non-zero experts, as after training
+            for layer in model.expert_layers.values():
+                layer.lora_B[f"m{index}"].normal_(0, 0.01)
+    return model
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median_round_robin({"mm": lambda: torch.mm(a, b)}, repeats, warmup=2)["mm"]
+    return 2 * size**3 / seconds / 1e9
+
+
+def step_flops(case: TrainCase) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        case.step()
+    return int(counter.get_total_flops())
+
+
+def run_benchmark(
+    *,
+    backbone: str = SWIN_T,
+    weights: str | None = None,
+    model_args: dict | None = None,
+    img_size: int = 224,
+    batch: int = 8,
+    rank: int = 8,
+    experts: tuple[int, ...] = (1, 4, 8),
+    repeats: int = 3,
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure everything in the module docstring; returns a JSON-able report."""
+    if quick:
+        model_args = model_args or TINY_ARGS
+        img_size, batch, repeats, experts = 64, 2, 2, (1, 2, 4)
+    factory = lambda: build_backbone(backbone, weights, img_size, model_args)  # noqa: E731
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, img_size, img_size)
+    labels = torch.randint(0, 2, (batch, img_size, img_size))
+    k_many = 4 if 4 in experts else max(experts)
+    report: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "setup": {"backbone": backbone, "weights": weights or "none (random initialisation)", "img_size": img_size,
+                  "batch": batch, "rank": rank, "experts": list(experts), "repeats": repeats, "quick": quick},
+    }
+    # ------------------------------------------------------------------ training step: time and memory
+    log("building training configurations")
+    cases: dict[str, TrainCase] = {}
+    for k in experts:
+        model = expert_model(factory, rank, k)
+        segmenter = ModalitySegmenter(model, "m0")
+        cases[f"experts_hard_k{k}"] = TrainCase(f"experts_hard_k{k}", segmenter, segmenter.trainable_parameters(),
+                                                images, labels)
+    soft_model = expert_model(factory, rank, k_many)
+    soft_parameters = soft_model.train_only("m0")
+    cases[f"experts_soft_k{k_many}"] = TrainCase(
+        "soft", _Soft(soft_model, None), soft_parameters, images, labels)
+    cases[f"experts_soft_k{k_many}_top2"] = TrainCase("soft_top2", _Soft(soft_model, 2), soft_parameters, images,
+                                                      labels)
+    expert_config = ExpertConfig(rank=rank)
+    lora = BackboneSegmenter(factory(), 2, "lora", expert_config, DecoderConfig())
+    cases["peft_lora"] = TrainCase("peft_lora", lora, lora.trainable_parameters(), images, labels)
+    full = BackboneSegmenter(factory(), 2, "full", expert_config, DecoderConfig())
+    cases["full_finetune"] = TrainCase("full_finetune", full, full.trainable_parameters(), images, labels)
+    decoder_only = ModalitySegmenter(expert_model(factory, rank, 1), "m0", mode="decoder")
+    cases["decoder_only"] = TrainCase("decoder_only", decoder_only, decoder_only.trainable_parameters(), images,
+                                      labels)
+    log(f"timing {len(cases)} training steps round-robin, {repeats} repeats")
+    step_times = median_round_robin({name: case.step for name, case in cases.items()}, repeats)
+    peak = matmul_peak_gflops()
+    training = {}
+    for name, case in cases.items():
+        flops = step_flops(case)
+        total = sum(p.numel() for p in case.module.parameters())
+        trainable = sum(p.numel() for p in case.parameters)
+        training[name] = {"step_seconds": step_times[name], **case.memory(), "gflop_per_step": flops / 1e9,
+                          "achieved_gflops": flops / step_times[name] / 1e9, "trainable_parameters": trainable,
+                          "trainable_share": trainable / total}
+    report["training"] = training
+    report["matmul_peak_gflops"] = peak
+    del cases, lora, full, decoder_only, soft_model
+    # ------------------------------------------------------------------ inference latency
+    log("timing inference")
+    model = expert_model(factory, rank, 4)
+    model.eval()
+    base = factory().eval()
+    merged = expert_model(factory, rank, 1).eval()
+    merged.merge("m0")
+    inference = {}
+    for size in (1, batch):
+        x = torch.randn(size, 3, img_size, img_size)
+        mixed = [f"m{i % 4}" for i in range(size)] if size >= 4 else ["m0"] * size
+        with torch.no_grad():
+            functions = {
+                "frozen_base": lambda: model.decoders["m0"](base(x), x),
+                "merged": lambda: merged(x, "m0"),
+                "unmerged_hard": lambda: model(x, "m0"),
+                "mixed_4_modalities": lambda: model(x, mixed),
+                "soft_gate": lambda: model(x, "m0", routing="soft"),
+            }
+            inference[f"batch_{size}"] = median_round_robin(functions, max(repeats, 3))
+    report["inference_seconds"] = inference
+    # ------------------------------------------------------------------ switching, loading, building, sizes
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        adapter = save_adapter(model, "m1", folder / "m1.safetensors")
+        switches = []
+        for index in range(200):
+            started = time.perf_counter()
+            model.set_modality(f"m{index % 4}")
+            switches.append(time.perf_counter() - started)
+        loads = []
+        for _ in range(max(repeats, 5)):
+            model.remove_modality("m1")
+            started = time.perf_counter()
+            load_adapter(model, adapter)
+            loads.append(time.perf_counter() - started)
+        import safetensors.torch
+
+        full_state = {f"backbone.{k}": v.contiguous() for k, v in base.model.state_dict().items()}
+        full_state |= {f"decoder.{k}": v.contiguous() for k, v in model.decoders["m1"].state_dict().items()}
+        full_file = folder / "full.safetensors"
+        safetensors.torch.save_file(full_state, str(full_file))
+        checkpoint = folder / "backbone.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in base.model.state_dict().items()}, str(checkpoint))
+        started = time.perf_counter()
+        rebuilt = SegmentationModel(build_backbone(backbone, checkpoint, img_size, model_args), ExpertConfig(rank=rank))
+        build_seconds = time.perf_counter() - started
+        del rebuilt
+        report["switch_ms"] = statistics.median(switches) * 1000
+        report["adapter_load_ms"] = statistics.median(loads) * 1000
+        report["build_from_checkpoint_ms"] = build_seconds * 1000
+        report["file_bytes"] = {"adapter": adapter.stat().st_size, "full_finetuned_model": full_file.stat().st_size}
+    report["ratios"] = ratios(report, k_many)
+    report["targets"] = {name: {"limit": TARGETS[name], "measured": report["ratios"].get(name),
+                                "met": report["ratios"].get(name) is not None and report["ratios"][name] <= TARGETS[name]}
+                         for name in TARGETS}
+    return report
+
+
+class _Soft(nn.Module):
+    """Soft routing over every loaded expert (gate losses collected, as soft training does)."""
+
+    def __init__(self, model: SegmentationModel, top_k: int | None) -> None:
+        super().__init__()
+        self.model, self.top_k = model, top_k
+
+    def forward(self, images):
+        self.model.routing.collect_aux = True
+        logits = self.model(images, "m0", routing="soft", top_k=self.top_k)
+        self.model.auxiliary_losses()
+        return logits
+
+
+def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
+    training = report["training"]
+    experts = training[f"experts_hard_k{k}"]
+    lora, full = training["peft_lora"], training["full_finetune"]
+    batch = f"batch_{report['setup']['batch']}"
+    latency = report["inference_seconds"][batch]
+    return {
+        "experts_k4_vs_lora_time": experts["step_seconds"] / lora["step_seconds"],
+        "experts_k4_vs_lora_memory": experts["total_bytes"] / lora["total_bytes"],
+        "experts_vs_full_memory": training["experts_hard_k1"]["total_bytes"] / full["total_bytes"],
+        "lora_vs_full_memory": lora["total_bytes"] / full["total_bytes"],
+        "merged_vs_base_latency": latency["merged"] / latency["frozen_base"],
+        "unmerged_vs_base_latency": latency["unmerged_hard"] / latency["frozen_base"],
+        "mixed4_vs_single_latency": latency["mixed_4_modalities"] / latency["unmerged_hard"],
+        "soft_vs_hard_latency": latency["soft_gate"] / latency["unmerged_hard"],
+        "switch_ms": report["switch_ms"],
+        "adapter_load_ms": report["adapter_load_ms"],
+        "file_vs_full": report["file_bytes"]["adapter"] / report["file_bytes"]["full_finetuned_model"],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    setup = report["setup"]
+    lines = [f"m4oe bench: {setup['backbone']} ({setup['weights']}), {setup['img_size']} px, batch {setup['batch']}, "
+             f"rank {setup['rank']}, {report['machine']['threads']} threads", "",
+             f"{'training step':<26}{'seconds':>9}{'activ. MB':>11}{'state MB':>10}{'total MB':>10}"
+             f"{'GFLOP/s':>9}{'trainable':>11}"]
+    for name, row in report["training"].items():
+        lines.append(f"{name:<26}{row['step_seconds']:>9.3f}{row['saved_activation_bytes'] / 1e6:>11.1f}"
+                     f"{row['state_bytes'] / 1e6:>10.1f}{row['total_bytes'] / 1e6:>10.1f}"
+                     f"{row['achieved_gflops']:>9.1f}{row['trainable_share'] * 100:>10.2f}%")
+    lines.append(f"matmul peak of this machine: {report['matmul_peak_gflops']:.1f} GFLOP/s")
+    lines += ["", f"{'inference seconds':<26}" + "".join(f"{b:>12}" for b in report["inference_seconds"])]
+    names = next(iter(report["inference_seconds"].values())).keys()
+    for name in names:
+        lines.append(f"{name:<26}" + "".join(f"{v[name]:>12.4f}" for v in report["inference_seconds"].values()))
+    lines += ["", f"switch modality: {report['switch_ms']:.4f} ms; load one adapter: {report['adapter_load_ms']:.1f} ms; "
+              f"build model from checkpoint: {report['build_from_checkpoint_ms']:.0f} ms",
+              f"file: adapter {report['file_bytes']['adapter'] / 1e6:.2f} MB vs full model "
+              f"{report['file_bytes']['full_finetuned_model'] / 1e6:.1f} MB", "", "targets:"]
+    for name, target in report["targets"].items():
+        measured = target["measured"]
+        lines.append(f"  {'MET ' if target['met'] else 'MISS'} {name}: {measured:.3f} (limit {target['limit']:.3f})")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> Path:
+    from .adapter_file import atomic_write
+
+    text = json.dumps(report, indent=2)
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text + "\n"))

@@ -1,0 +1,25 @@
+"""`m4oe bench --quick` runs on a tiny model and writes a complete JSON report (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+from m4oe_adapters.cli import main
+
+
+def test_bench_quick_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["training"]) == {
+        "experts_hard_k1", "experts_hard_k2", "experts_hard_k4", "experts_soft_k4", "experts_soft_k4_top2",
+        "peft_lora", "full_finetune", "decoder_only",
+    }
+    for row in report["training"].values():
+        assert row["step_seconds"] > 0 and row["total_bytes"] == row["saved_activation_bytes"] + row["state_bytes"]
+        assert 0 < row["trainable_share"] <= 1 and row["gflop_per_step"] > 0
+    for batch in report["inference_seconds"].values():
+        assert set(batch) == {"frozen_base", "merged", "unmerged_hard", "mixed_4_modalities", "soft_gate"}
+    assert report["matmul_peak_gflops"] > 0 and report["adapter_load_ms"] > 0 and report["switch_ms"] >= 0
+    assert set(report["targets"]) == set(report["ratios"]) - {"lora_vs_full_memory", "soft_vs_hard_latency"}
+    assert report["training"]["full_finetune"]["trainable_share"] == 1.0
+    assert "targets:" in capsys.readouterr().out
