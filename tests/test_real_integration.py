@@ -24,7 +24,7 @@ pytestmark = [
 def test_five_drive_images_segment_chase_vessels_well_above_trivial():
     from m4oe_adapters import load_backbone
     from m4oe_adapters.adapt import fit_modality
-    from m4oe_adapters.data import read_manifest, select
+    from m4oe_adapters.data import load_pair, read_manifest, select
     from m4oe_adapters.evaluation import evaluate_samples
     from m4oe_adapters.training import TrainConfig
 
@@ -41,7 +41,7 @@ def test_five_drive_images_segment_chase_vessels_well_above_trivial():
     )
     assert not skipped
     dice = np.mean([row["dice"] for row in rows if row["label"] == "mean"])
-    foreground = np.mean([(__import__("m4oe_adapters").data.load_pair(s)[1] > 0).mean() for s in chase])
+    foreground = np.mean([(load_pair(sample)[1] > 0).mean() for sample in chase])
     all_vessel = 2 * foreground / (1 + foreground)
     print(f"\nCHASE_DB1 Dice after 5 DRIVE images: {dice:.3f} (all-vessel mask: {all_vessel:.3f}, all-background: 0)")
     assert dice > all_vessel + 0.15
