@@ -90,11 +90,13 @@ def collect_images(
 ) -> tuple[list[PretrainImage], list[tuple[str, str]]]:
     """Read every image of the sources (manifest CSVs, folders or files), masks unused; bad files are skipped
     and returned as ``(path, reason)``."""
-    from .data import normalise, read_image, read_manifest
+    from .data import Sample, normalise, read_image, read_manifest
+    from .data.manifest import expand_volume
     from .data.readers import IMAGE_SUFFIXES_ALL, suffix
     from .presets import default_preset
 
     entries: list[tuple[Path, str, str, int | None, int]] = []
+    skipped_early: list[tuple[str, str]] = []
     for source in sources:
         path = Path(source)
         if path.is_dir() and (path / "manifest.csv").is_file():
@@ -104,12 +106,17 @@ def collect_images(
                 entries.append((sample.image, sample.dataset, sample.modality, sample.slice_index, sample.slice_axis))
         elif path.is_dir():
             for file in sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in IMAGE_SUFFIXES_ALL):
-                entries.append((file, path.name, "unknown", None, 2))
+                try:  # volumes become one entry per slice
+                    slices = expand_volume(Sample(path.name, "unknown", "", file, None))
+                except DataError as error:
+                    skipped_early.append((str(file), str(error)))
+                    continue
+                entries += [(s.image, path.name, "unknown", s.slice_index, s.slice_axis) for s in slices]
         elif path.is_file():
             entries.append((path, path.parent.name, "unknown", None, 2))
         else:
             raise DataError(f"{path}: no such manifest, folder or file")
-    seen, images, skipped = set(), [], []
+    seen, images, skipped = set(), [], skipped_early
     for file, dataset, modality, slice_index, axis in entries:
         key = (str(file), slice_index)
         if key in seen:
@@ -248,6 +255,7 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [dict(row) for row in state["history"]]
+        torch.set_rng_state(state["rng"])  # stochastic depth draws from the global generator
         log(f"resumed from {checkpoint} at step {step}")
     elif resume:
         raise DataError(f"--resume: no checkpoint at {checkpoint}")
@@ -280,7 +288,8 @@ def pretrain(
             write_preview(out / "preview.png", batch, mask, reconstruction.detach())
         if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "history": history}
+                     "scheduler": scheduler.state_dict(), "step": step, "history": history,
+                     "rng": torch.get_rng_state()}
             atomic_write(checkpoint, lambda t: torch.save(state, t))
             write_log(out, history)
     if bar is not None:
