@@ -47,6 +47,7 @@ class ModalityExpertLinear(nn.Module):
         self.routing: RoutingState | None = None
         self.merged_modality: str | None = None
         self._weight_before_merge: torch.Tensor | None = None
+        self._stack_cache: dict[tuple[str, ...], tuple] = {}
 
     @property
     def in_features(self) -> int:
@@ -77,24 +78,39 @@ class ModalityExpertLinear(nn.Module):
         self.lora_A[modality] = nn.Parameter(lora_a)
         self.lora_B[modality] = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
         self.router_key[modality] = nn.Parameter(key / key.norm())
+        self._stack_cache.clear()
 
     def remove_expert(self, modality: str) -> None:
         if self.merged_modality == modality:
             raise ConfigError(f"modality {modality!r} is merged into {self.layer_name}; call unmerge() first")
         for table in (self.lora_A, self.lora_B, self.router_key):
             del table[modality]
+        self._stack_cache.clear()
 
     @property
     def modalities(self) -> list[str]:
         return list(self.lora_A.keys())
 
     def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A: [E, r, in]`` and ``B: [E, out, r]`` of the named experts, in that order."""
+        """``A: [E, r, in]`` and ``B: [E, out, r]`` of the named experts, in that order.
+
+        Without autograd (inference) the stacks are cached until an expert is replaced or changed in place (the
+        key holds each parameter's identity and version counter), so serving a mixed batch copies nothing.
+        """
         missing = [name for name in names if name not in self.lora_A]
         if missing:
             raise ConfigError(f"layer {self.layer_name} has no expert for modality {missing[0]!r}")
-        lora_a = torch.stack([self.lora_A[name] for name in names])
-        lora_b = torch.stack([self.lora_B[name] for name in names])
+        parameters = [self.lora_A[name] for name in names] + [self.lora_B[name] for name in names]
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))
+        if cacheable:
+            key = tuple((id(p), p._version) for p in parameters)
+            cached = self._stack_cache.get(names)
+            if cached is not None and cached[0] == key:
+                return cached[1], cached[2]
+        lora_a = torch.stack(parameters[: len(names)])
+        lora_b = torch.stack(parameters[len(names) :])
+        if cacheable:
+            self._stack_cache[names] = (key, lora_a.detach(), lora_b.detach())
         return lora_a, lora_b
 
     # ----------------------------------------------------------------------------------------------- forward

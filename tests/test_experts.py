@@ -206,3 +206,15 @@ def test_unknown_modality_and_bad_routing_are_config_errors(model):
         model(x, "CT", routing="fuzzy")
     with pytest.raises(ConfigError, match="invalid modality name"):
         model.add_modality("../etc", 2)
+
+
+def test_cached_expert_stacks_follow_in_place_updates(model):
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x, ["CT", "MRI"])
+        for layer in model.expert_layers.values():
+            layer.lora_B["MRI"].mul_(2)  # as an optimiser step would
+        after = model(x, ["CT", "MRI"])
+        alone = model(x[1:], "MRI")
+    assert not torch.allclose(before[1], after[1])
+    torch.testing.assert_close(after[1, :3], alone[0], atol=1e-5, rtol=0)
