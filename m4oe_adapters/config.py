@@ -71,13 +71,7 @@ class ExpertConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ExpertConfig":
-        if not isinstance(values, dict):
-            raise ConfigError(f"expert config must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown expert config fields: {sorted(unknown)}")
-        return cls(**values)
+        return _from_dict(cls, values, "expert")
 
 
 @dataclass
@@ -103,12 +97,17 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "DecoderConfig":
-        if not isinstance(values, dict):
-            raise ConfigError(f"decoder config must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise ConfigError(f"unknown decoder config fields: {sorted(set(values) - known)}")
-        return cls(**values)
+        return _from_dict(cls, values, "decoder")
+
+
+def _from_dict(cls, values, what: str):
+    """Build a config dataclass from JSON, refusing non-mappings and unknown fields with :class:`ConfigError`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} config must be a mapping, got {type(values).__name__}")
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} config fields: {sorted(unknown)}")
+    return cls(**values)
 
 
 MODALITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")

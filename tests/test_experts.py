@@ -136,30 +136,30 @@ def test_soft_gate_routes_images_to_the_modality_whose_expert_saw_them():
     assert gates[:4, 0].min() > 0.5 and gates[4:, 1].min() > 0.5
 
 
+def train_a_few_steps(model, name: str, steps: int = 3) -> None:
+    """AdamW with weight decay on one modality's parameters (decay would move any parameter it were given)."""
+    optimizer = torch.optim.AdamW(model.train_only(name), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(2, 1, 64, 64), name).logsumexp(1).mean().backward()
+        optimizer.step()
+    model.eval()
+
+
 def test_training_one_modality_never_changes_another_modalitys_outputs(model):
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         before = model(x, "MRI").clone()
     model.add_modality("fundus", 2, seed=3)
-    optimizer = torch.optim.AdamW(model.train_only("fundus"), lr=1e-2, weight_decay=0.1)
-    model.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(2, 1, 64, 64), "fundus").logsumexp(1).mean().backward()
-        optimizer.step()
-    model.eval()
+    train_a_few_steps(model, "fundus")
     with torch.no_grad():
         assert torch.equal(model(x, "MRI"), before)
 
 
 def test_backbone_bytes_stay_identical_through_training(model):
     fingerprint = model.backbone.fingerprint()
-    optimizer = torch.optim.AdamW(model.train_only("CT"), lr=1e-2, weight_decay=0.1)
-    model.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(2, 1, 64, 64), "CT").logsumexp(1).mean().backward()
-        optimizer.step()
+    train_a_few_steps(model, "CT")
     assert model.backbone.fingerprint(recompute=True) == fingerprint
 
 
