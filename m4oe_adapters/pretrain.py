@@ -255,7 +255,7 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), [dict(row) for row in state["history"]]
-        torch.set_rng_state(state["rng"])  # stochastic depth draws from the global generator
+        set_rng_states(state.get("rng"))
         log(f"resumed from {checkpoint} at step {step}")
     elif resume:
         raise DataError(f"--resume: no checkpoint at {checkpoint}")
@@ -289,7 +289,7 @@ def pretrain(
         if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "history": history,
-                     "rng": torch.get_rng_state()}
+                     "rng": rng_states()}
             atomic_write(checkpoint, lambda t: torch.save(state, t))
             write_log(out, history)
     if bar is not None:
@@ -304,6 +304,36 @@ def pretrain(
         "date": time.strftime("%Y-%m-%d"),
     }
     return save_backbone(model.encoder, out / "backbone", arch, model_args, in_chans, img_size, provenance, dtype)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global generators as types ``torch.load(weights_only=True)`` accepts (tensors, ints, tuples).
+
+    Batches and masks come from a per-step generator; the global ones still matter for stochastic depth (torch) and
+    for any augmentation that draws from numpy or ``random``.
+    """
+    import random
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def set_rng_states(states: dict[str, Any] | torch.Tensor | None) -> None:
+    """Restore :func:`rng_states`; also accepts older checkpoints (a bare torch state, or none)."""
+    import random
+
+    if states is None:
+        return
+    if isinstance(states, torch.Tensor):
+        torch.set_rng_state(states)
+        return
+    torch.set_rng_state(states["torch"])
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
 
 
 def write_log(out: Path, history: list[dict[str, float]]) -> None:

@@ -58,6 +58,32 @@ def test_output_loads_with_plain_timm_and_the_backbone_loader(images, tmp_path):
                               pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")), **ARGS)
     ours = load_backbone("timm:", folder, img_size=64)
     assert ours.pretrained and torch.equal(plain.patch_embed.proj.weight, ours.model.patch_embed.proj.weight)
+    hub = timm.create_model(f"local-dir:{folder}", pretrained=True)  # architecture and args from config.json
+    assert hub.num_classes == 0 and torch.equal(hub.patch_embed.proj.weight, plain.patch_embed.proj.weight)
+
+
+def test_fp16_output_is_half_the_size_and_timm_upcasts_it(images, tmp_path):
+    import timm
+
+    full = run(images, tmp_path / "full", 2) / "model.safetensors"
+    half = run(images, tmp_path / "half", 2, dtype="fp16") / "model.safetensors"
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    models = [timm.create_model("swin_tiny_patch4_window7_224", pretrained=True, num_classes=0, img_size=64,
+                                pretrained_cfg_overlay=dict(file=str(file)), **ARGS) for file in (full, half)]
+    assert models[1].patch_embed.proj.weight.dtype == torch.float32
+    assert torch.equal(models[0].patch_embed.proj.weight.half().float(), models[1].patch_embed.proj.weight)
+
+
+def test_global_random_states_survive_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    from m4oe_adapters.pretrain import rng_states, set_rng_states
+
+    torch.save({"rng": rng_states()}, tmp_path / "state.pt")
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
 
 
 def test_a_killed_pretraining_resumed_ends_with_the_same_weights(images, tmp_path):
