@@ -29,9 +29,18 @@ def images(tmp_path):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
 def run(images, out, steps, **options):
+    # one thread: on shared cores a tiny model is many times slower with two threads spinning against other jobs
     return pretrain([images], out, model_args=ARGS, img_size=64, crop_size=64, batch_size=4, steps=steps, lr=2e-3,
-                    warmup=2, checkpoint_every=5, preview_every=10, progress=False, log=lambda _: None, **options)
+                    warmup=2, checkpoint_every=5, preview_every=10, progress=False, num_threads=1,
+                    log=lambda _: None, **options)
 
 
 def test_pretraining_reduces_the_loss_and_writes_logs_and_previews(images, tmp_path):
