@@ -171,7 +171,8 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     _require(isinstance(backbone.get("in_chans"), int), path, "backbone.in_chans must be an integer")
     for key in ("provenance", "metrics"):
         _require(isinstance(metadata.get(key, {}), dict), path, f"{key} must be an object")
-    _require(metadata.get("dtype") in DTYPES, path, f"dtype must be one of {sorted(DTYPES)}")
+    dtype = metadata.get("dtype")
+    _require(isinstance(dtype, str) and dtype in DTYPES, path, f"dtype must be one of {sorted(DTYPES)}")
     return metadata
 
 
@@ -240,7 +241,11 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
     for name, entry in header.items():
         _require(isinstance(entry, dict), path, f"tensor {name!r}: bad header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        _require(dtype in SAFETENSORS_DTYPES, path, f"tensor {name!r}: dtype {dtype!r} is not F32, F16 or BF16")
+        _require(
+            isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES,
+            path,
+            f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not F32, F16 or BF16",
+        )
         _require(
             isinstance(shape, list) and len(shape) <= 8 and all(isinstance(s, int) and 0 <= s < 2**31 for s in shape),
             path,
