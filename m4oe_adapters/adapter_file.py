@@ -159,9 +159,11 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         path,
         f"input_size must be [H, W] with 32 <= H, W <= 8192, got {size!r}",
     )
-    try:
-        ExpertConfig.from_dict(metadata.get("expert"))
-        DecoderConfig.from_dict(metadata.get("decoder"))
+    expert = metadata.get("expert")
+    _require(isinstance(expert, dict) and {"rank", "alpha"} <= set(expert), path, "expert config needs rank and alpha")
+    try:  # stored back normalised, so later checks read well-typed values
+        metadata["expert"] = ExpertConfig.from_dict(expert).to_dict()
+        metadata["decoder"] = DecoderConfig.from_dict(metadata.get("decoder")).to_dict()
     except (ConfigError, TypeError, ValueError) as error:
         raise _fail(path, f"bad expert/decoder config: {error}") from None
     backbone = metadata.get("backbone")

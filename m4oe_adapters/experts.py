@@ -5,8 +5,9 @@ For expert ``k`` the update is ``ΔW_k = (alpha / r) · B_k A_k`` with ``A_k: [r
 modality trains, saves and loads independently) and are applied together as *stacked* tensors with one batched
 matmul — never a Python loop over experts:
 
-* hard routing, one modality in the batch:   ``y = W x + s · B_k (A_k x)``
-* hard routing, mixed batch:                 ``bmm`` with each sample's ``A, B`` gathered from the stack
+* hard routing, one modality in the batch:   ``y = W x + s · B_k (A_k x)``, one fused autograd function that adds the
+  update in place and saves only ``x`` and ``A_k x`` for backward (:mod:`~m4oe_adapters.expert_kernels`)
+* hard routing, mixed batch:                 the same, with each sample's ``A, B`` gathered from the stack (``bmm``)
 * soft routing:                              ``h = [A_1; ...; A_E] x`` (one matmul, rank ``E·r``), each expert's
   ``r`` slice weighted by its gate weight, then ``y = W x + s · [B_1 ... B_E] h`` (one matmul).
 """
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .expert_kernels import low_rank_linear, per_sample_low_rank_linear
 from .routing import RoutingState, gate_probabilities, load_balancing_loss, rows_per_sample
 
 
@@ -115,31 +117,31 @@ class ModalityExpertLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.base_layer(x)
         state = self.routing
         if state is None or not state.active:
-            return output
+            return self.base_layer(x)
         if self.merged_modality is not None:
             if state.expert_names != (self.merged_modality,) or state.mode != "hard":
                 raise ConfigError(
                     f"the backbone is merged with modality {self.merged_modality!r}; it can only run that modality "
                     "with hard routing. Call unmerge() to use other modalities or soft routing."
                 )
-            return output
+            return self.base_layer(x)
         if state.mode == "soft":
-            return output + self._soft_delta(x, state)
-        return output + self._hard_delta(x, state)
+            return self.base_layer(x) + self._soft_delta(x, state)
+        return self._hard_forward(x, state)
 
-    def _hard_delta(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+    def _hard_forward(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
+        """``W x + b + s · B_k A_k x`` with each sample's expert ``k``, fused (see :mod:`.expert_kernels`)."""
         names = state.expert_names
+        weight, bias = self.base_layer.weight, self.base_layer.bias
         if len(names) == 1 or state.sample_expert is None:
             name = names[0]
             if name not in self.lora_A:
                 raise ConfigError(f"layer {self.layer_name} has no expert for modality {name!r}")
             if state.update_keys and self.training:
                 self._update_router_key(name, x, state.key_momentum)
-            hidden = F.linear(x, self.lora_A[name])
-            return F.linear(hidden, self.lora_B[name]) * self.scaling
+            return low_rank_linear(x, weight, bias, self.lora_A[name], self.lora_B[name], self.scaling)
         # Mixed batch: each sample's rows use its own expert, gathered from the stack; one bmm per factor.
         lora_a, lora_b = self._stack(names)
         batch = state.batch_size
@@ -147,9 +149,8 @@ class ModalityExpertLinear(nn.Module):
         per_sample = x.reshape(batch, -1, self.in_features)  # [B, rows * tokens, in]
         sample_a = lora_a.index_select(0, state.sample_expert)  # [B, r, in]
         sample_b = lora_b.index_select(0, state.sample_expert)  # [B, out, r]
-        hidden = torch.bmm(per_sample, sample_a.transpose(1, 2))  # [B, T, r]
-        delta = torch.bmm(hidden, sample_b.transpose(1, 2)) * self.scaling  # [B, T, out]
-        return delta.reshape(*x.shape[:-1], self.out_features)
+        output = per_sample_low_rank_linear(per_sample, weight, bias, sample_a, sample_b, self.scaling)
+        return output.reshape(*x.shape[:-1], self.out_features)
 
     def _soft_delta(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
         names = state.expert_names
