@@ -57,14 +57,20 @@ def median_round_robin(functions: dict[str, Callable[[], Any]], repeats: int, wa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``step()`` (forward only)."""
+def saved_activation_bytes(step: Callable[[], torch.Tensor], parameters: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``step()`` (forward only).
+
+    Storages of ``parameters`` are left out: a frozen weight saved for the input's gradient costs no memory beyond the
+    weight itself, which :func:`state_bytes` counts.
+    """
+    owned = {parameter.untyped_storage().data_ptr() for parameter in parameters}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor):
         if tensor.layout == torch.strided and tensor.device.type != "meta":
             storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in owned:
+                storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -97,10 +103,21 @@ class TrainCase:
         self.loss().backward()
         self.optimizer.step()
 
-    def memory(self) -> dict[str, int]:
-        activations = saved_activation_bytes(self.loss)
+    def profile(self) -> dict[str, int]:
+        """One counted step (it doubles as the warm-up): FLOPs of forward + backward, and the step's memory."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as counter:
+            activations = saved_activation_bytes(self.loss, list(self.module.parameters()))
+        # The saved-activation pass above built no graph we kept; run the real step for FLOPs and optimiser state.
+        with counter:
+            self.loss().backward()
+        self.optimizer.step()
+        forward_and_backward = int(counter.get_total_flops()) - int(counter.get_total_flops()) // 2 * 0
         state = state_bytes(self.module, self.parameters)
-        return {"saved_activation_bytes": activations, "state_bytes": state, "total_bytes": activations + state}
+        return {"saved_activation_bytes": activations, "state_bytes": state, "total_bytes": activations + state,
+                "flops": forward_and_backward}
 
 
 def build_backbone(spec: str, weights, img_size: int, model_args):

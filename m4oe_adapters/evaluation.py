@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, M4oEError
+from .errors import M4oEError
 from .inference import round_to_32, segment
 from .metrics import score_mask, summarise
 
@@ -184,8 +184,3 @@ def format_interval(mean: float, low: float, high: float, scale: float = 1.0) ->
     if not np.isfinite(low):
         return f"{mean * scale:.1f}"
     return f"{mean * scale:.1f} ({low * scale:.1f}–{high * scale:.1f})"
-
-
-def check_samples(samples: Sequence, what: str) -> None:
-    if not samples:
-        raise DataError(f"no {what} images: check --modality, --sites and the data path")

@@ -1,5 +1,5 @@
-"""Prediction on files: an image, a volume or a folder in; masks out in the same format and geometry (PNG of the
-same size for 2D images, NIfTI with the same affine for volumes), plus optional overlays.
+"""Prediction on files: an image, a volume or a folder in; masks out in the same geometry (PNG of the same size for
+2D images, DICOM slices included; NIfTI with the same affine for NIfTI and NRRD volumes), plus optional overlays.
 
 Each input is routed to its own adapter: by ``modality`` if given, else by the DICOM ``Modality`` tag (CT, MR...)
 matched to a loaded modality, else the only loaded modality.
@@ -85,7 +85,7 @@ def output_path(source: Path, out_dir: Path, root: Path | None) -> Path:
     relative = source.relative_to(root) if root and source.is_relative_to(root) else Path(source.name)
     suffix = suffix_of(source)
     stem = relative.name[: -len(suffix)] if suffix else relative.name
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in VOLUME_SUFFIXES:  # NRRD volumes get a NIfTI mask with the same affine
         return out_dir / relative.parent / f"{stem}_mask.nii.gz"
     return out_dir / relative.parent / f"{stem}_mask.png"
 
