@@ -132,6 +132,7 @@ def real_samples(data: str | Path | None):
 def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[str, Any]]:
     from .evaluation import prepare
     from .metrics import score_mask
+    from .protocol import split_in_domain
 
     size = 224
     rows, images, labels, names, raws = [], [], [], [], []
@@ -140,12 +141,14 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
             synthetic, masks = synthetic_images(1, model.backbone.in_chans, size, seed)
             image, label, raw, path = torch.from_numpy(synthetic[0]), masks[0], synthetic[0], f"synthetic_{name}"
         else:
-            site = info.provenance.get("sites", [None])[0]
-            candidates = [s for s in samples if s.modality == name and (site is None or s.site == site)]
-            if not candidates:
+            site = (info.provenance.get("sites") or [None])[0]
+            pool = [s for s in samples if s.modality == name and (site is None or s.site == site)]
+            if not pool:
                 continue
+            # An image the adapter never trained on: the in-domain test split the zoo builder held out (same seed).
+            candidates = split_in_domain(pool, seed=0)[1]
             try:
-                prepared = prepare(candidates[-1], info.preset, model.backbone.in_chans)
+                prepared = prepare(candidates[0], info.preset, model.backbone.in_chans)
             except M4oEError:
                 continue
             # The batch needs one size: resize each image (and nearest-resize its label) to 224 x 224.
@@ -154,7 +157,7 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
                                                     size=(size, size), mode="nearest")[0, 0].long().numpy()
             raw = torch.nn.functional.interpolate(torch.from_numpy(prepared.raw)[None].float(), size=(size, size),
                                                   mode="bilinear")[0].numpy()
-            path = str(candidates[-1].image)
+            path = str(candidates[0].image)
         images.append(image)
         labels.append(label)
         names.append(name)
