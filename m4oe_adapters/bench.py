@@ -6,8 +6,14 @@ repeats is kept, so slow drifts of a shared machine hit all configurations alike
 
 Memory (CPU has no allocator statistics): the bytes a training step must hold, counted exactly, in two parts:
 *activations saved for backward* (every tensor autograd keeps, through ``saved_tensors_hooks``, each storage counted
-once) and *state* (parameters + gradients of trainable parameters + AdamW's two moments). Their sum is the step's
-peak memory apart from transient workspace.
+once; parameters saved by reference are not activations and are left out) and *state* (parameters + gradients of
+trainable parameters + AdamW's two moments). Their sum is the step's peak memory apart from transient workspace.
+Why not the process's RSS high-water mark: on a shared machine it needs a fresh process per configuration, and the
+allocator's caching blurs differences of a few percent; the count above is exact and repeatable.
+
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward (matmuls and convolutions), divided by
+the measured step time and set against a plain ``torch.mm`` on the same machine, so the distance to the limit shows.
+That counted step is also each configuration's warm-up.
 """
 from __future__ import annotations
 
@@ -165,7 +171,7 @@ def run_benchmark(
     """Measure everything in the module docstring; returns a JSON-able report."""
     if quick:
         model_args = model_args or TINY_ARGS
-        img_size, batch, repeats, experts = 64, 2, 2, (1, 2, 4)
+        img_size, batch, repeats, experts = 64, 2, 1, (1, 4)
     factory = lambda: build_backbone(backbone, weights, img_size, model_args)  # noqa: E731
     torch.manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size)
@@ -174,7 +180,8 @@ def run_benchmark(
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
-        "setup": {"backbone": backbone, "weights": weights or "none (random initialisation)", "img_size": img_size,
+        "setup": {"backbone": backbone, "weights": str(weights) if weights else "none (random initialisation)",
+                  "weights_given": weights is not None, "img_size": img_size,
                   "batch": batch, "rank": rank, "experts": list(experts), "repeats": repeats, "quick": quick},
     }
     # ------------------------------------------------------------------ training step: time and memory
@@ -216,6 +223,7 @@ def run_benchmark(
                           "trainable_parameters": trainable, "trainable_share": trainable / total}
     report["training"] = training
     report["matmul_peak_gflops"] = peak
+    report["matmul_size"] = 256 if quick else 2048
     del cases, lora, full, decoder_only, soft_model
     # ------------------------------------------------------------------ inference latency
     log("timing inference")
@@ -236,7 +244,8 @@ def run_benchmark(
                 "mixed_4_modalities": lambda: model(x, mixed),
                 "soft_gate": lambda: model(x, "m0", routing="soft"),
             }
-            inference[f"batch_{size}"] = median_round_robin(functions, max(repeats, 3))
+            # Batch 1 is cheap: more repeats for a steadier median.
+            inference[f"batch_{size}"] = median_round_robin(functions, 3 * repeats if size == 1 else repeats)
     report["inference_seconds"] = inference
     # ------------------------------------------------------------------ switching, loading, building, sizes
     with tempfile.TemporaryDirectory() as folder:
@@ -312,27 +321,39 @@ def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    setup = report["setup"]
-    lines = [f"m4oe bench: {setup['backbone']} ({setup['weights']}), {setup['img_size']} px, batch {setup['batch']}, "
-             f"rank {setup['rank']}, {report['machine']['threads']} threads", "",
-             f"{'training step':<26}{'seconds':>9}{'activ. MB':>11}{'state MB':>10}{'total MB':>10}"
-             f"{'GFLOP/s':>9}{'trainable':>11}"]
+    """The report as a plain-text table (what ``m4oe bench`` prints)."""
+    setup, machine = report["setup"], report["machine"]
+    lines = [f"m4oe bench: {setup['backbone']}, weights: {setup['weights']}, {setup['img_size']} px, "
+             f"batch {setup['batch']}, rank {setup['rank']}, median of {setup['repeats']} round-robin repeats, "
+             f"{machine['threads']} threads, torch {machine['torch']}"]
+    if not setup["weights_given"]:
+        lines.append("note: random weights - speed, memory and size do not depend on the values; no accuracy here")
+    lines += ["", f"{'training step (AdamW)':<24}{'seconds':>9}{'activ. MB':>11}{'state MB':>10}{'total MB':>10}"
+                  f"{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'trainable':>11}"]
     for name, row in report["training"].items():
-        lines.append(f"{name:<26}{row['step_seconds']:>9.3f}{row['saved_activation_bytes'] / 1e6:>11.1f}"
+        lines.append(f"{name:<24}{row['step_seconds']:>9.3f}{row['saved_activation_bytes'] / 1e6:>11.1f}"
                      f"{row['state_bytes'] / 1e6:>10.1f}{row['total_bytes'] / 1e6:>10.1f}"
-                     f"{row['achieved_gflops']:>9.1f}{row['trainable_share'] * 100:>10.2f}%")
-    lines.append(f"matmul peak of this machine: {report['matmul_peak_gflops']:.1f} GFLOP/s")
-    lines += ["", f"{'inference seconds':<26}" + "".join(f"{b:>12}" for b in report["inference_seconds"])]
+                     f"{row['gflop_per_step']:>8.1f}{row['achieved_gflops']:>9.1f}"
+                     f"{row['share_of_matmul_peak'] * 100:>8.0f}%{row['trainable_share'] * 100:>10.2f}%")
+    lines.append(f"matmul peak of this machine (torch.mm, {report['matmul_size']}²): "
+                 f"{report['matmul_peak_gflops']:.1f} GFLOP/s")
+    lines.append("memory = activations autograd saves for backward (exact, each storage once, parameters excluded) + "
+                 "state (parameters, gradients, AdamW moments); transient workspace not included")
+    lines += ["", f"{'inference seconds':<24}" + "".join(f"{b:>12}" for b in report["inference_seconds"])]
     names = next(iter(report["inference_seconds"].values())).keys()
     for name in names:
-        lines.append(f"{name:<26}" + "".join(f"{v[name]:>12.4f}" for v in report["inference_seconds"].values()))
-    lines += ["", f"switch modality: {report['switch_ms']:.4f} ms; load one adapter: {report['adapter_load_ms']:.1f} ms; "
-              f"build model from checkpoint: {report['build_from_checkpoint_ms']:.0f} ms",
-              f"file: adapter {report['file_bytes']['adapter'] / 1e6:.2f} MB vs full model "
-              f"{report['file_bytes']['full_finetuned_model'] / 1e6:.1f} MB", "", "targets:"]
-    for name, target in report["targets"].items():
-        measured = target["measured"]
-        lines.append(f"  {'MET ' if target['met'] else 'MISS'} {name}: {measured:.3f} (limit {target['limit']:.3f})")
+        lines.append(f"{name:<24}" + "".join(f"{v[name]:>12.4f}" for v in report["inference_seconds"].values()))
+    files = report["file_bytes"]
+    lines += ["", f"switch modality: {report['switch_ms']:.4f} ms; load one adapter file: "
+              f"{report['adapter_load_ms']:.1f} ms; build the model from the backbone checkpoint: "
+              f"{report['build_from_checkpoint_ms']:.0f} ms",
+              f"file per modality: {files['adapter'] / 1e6:.2f} MB vs full fine-tuned model "
+              f"{files['full_finetuned_model'] / 1e6:.1f} MB", "", "ratios and targets:"]
+    for name, value in report["ratios"].items():
+        target = report["targets"].get(name)
+        verdict = ("MET " if target["met"] else "MISS") if target else "    "
+        limit = f" (target <= {target['limit']:.3g})" if target else ""
+        lines.append(f"  {verdict} {name}: {value:.3f}{limit}")
     return "\n".join(lines)
 
 
