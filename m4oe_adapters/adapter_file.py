@@ -8,10 +8,11 @@ Tensors (fixed prefixes, keyed by the backbone's own layer names)::
 Header metadata (safetensors ``__metadata__``, strings only): ``format`` = ``m4oe-adapter``, ``format_version``,
 and ``m4oe``: one JSON document with the modality, label names, class count, preprocessing preset, input channels
 and size, expert config (rank/alpha/targets), decoder config, backbone identity (family, name, fingerprint) and
-provenance/metrics. See :data:`METADATA_SCHEMA` for the checks applied on read.
+provenance/metrics. See :func:`validate_metadata` for the checks applied on read.
 
-Reading never unpickles: the header is parsed and bounded by hand before safetensors touches the file, and every
-failure becomes an :class:`~m4oe_adapters.errors.AdapterFormatError` naming the file. Writing goes to a temporary
+Reading never unpickles: the header is bounded, parsed as strict JSON and checked by hand (metadata types and
+ranges, one dtype, offsets tiling the data exactly) before safetensors touches the bytes, and every failure becomes
+an :class:`~m4oe_adapters.errors.AdapterFormatError` naming the file (``docs/reliability.md``: what was tried). Writing goes to a temporary
 file in the same folder, is fsync'ed, then renamed over the target, so a crash leaves the old file intact.
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ import datetime
 import json
 import math
 import os
+import re
+import secrets
 import struct
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,48 +40,70 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_TENSORS = 100_000
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
+SAFETENSORS_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+MAX_METADATA_DEPTH = 32
 
 
 # ------------------------------------------------------------------------------------------------- atomic write
 def atomic_write(path: str | Path, write: Any) -> Path:
     """Call ``write(temporary_path)``, fsync it, then rename it to ``path`` (same folder, so the rename is atomic).
 
-    On any failure the temporary file is removed and ``path`` keeps its previous content.
+    On any failure, and after a crash or SIGKILL at any moment, ``path`` holds its previous content or the new
+    complete content, never a mix; a killed writer may leave a temporary ``.<name>.<random>.tmp`` next to it (see
+    :func:`cleanup_stale_temporaries`). Generic: adapters, checkpoints and reports all go through it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    # Mode 0o666 minus the umask, like a plain open(): tempfile.mkstemp (and safetensors' own writer) use 0o600,
+    # which would leave adapters unreadable to the service account of a deployment.
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        write(temporary)
+        mode = temporary.stat().st_mode & 0o777
+        write(str(temporary))
+        os.chmod(temporary, mode)  # the writer may have replaced the file with a private one
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; best effort, some file systems cannot fsync a folder
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    except OSError:
+        pass
     return path
 
 
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
 def cleanup_stale_temporaries(folder: str | Path, older_than_seconds: float = 0.0) -> int:
-    """Remove temporary files (``.<name>.*.tmp``) that a killed writer left in ``folder``; returns how many.
+    """Remove temporary files (``.<name>.<8 hex digits>.tmp``) that a killed :func:`atomic_write` left in
+    ``folder``; returns how many.
 
-    They never carry a final name, so readers ignore them; this only reclaims the space.
+    They never carry a final name, so readers never see them; this only reclaims the space. While another process
+    may be writing into ``folder``, pass ``older_than_seconds`` (e.g. 3600) so its in-progress file is kept.
     """
-    import time
-
     removed = 0
+    now = time.time()
     for path in Path(folder).glob(".*.tmp"):
-        if time.time() - path.stat().st_mtime >= older_than_seconds:
-            path.unlink(missing_ok=True)
-            removed += 1
+        try:
+            if TEMPORARY_NAME.fullmatch(path.name) and now - path.lstat().st_mtime >= older_than_seconds:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer finished or cleaned up meanwhile
+            continue
     return removed
 
 
@@ -113,12 +138,78 @@ def _require(condition: bool, path, problem: str) -> None:
         raise _fail(path, problem)
 
 
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON ``true`` arrives as a Python ``int`` subclass)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _shown(value: Any) -> str:
+    """A hostile value as it may appear in a message: its repr, cut to 120 characters."""
+    return repr(value)[:120]
+
+
+def _parse_json(raw: bytes | str, path, what: str) -> Any:
+    """Strict JSON from an untrusted file: UTF-8, no duplicate keys, no NaN/Infinity, no 4 300-digit integers.
+
+    Python's ``json`` silently keeps the last of duplicate keys and accepts ``NaN``; two readers (ours and
+    safetensors') could then disagree about what a file holds, so both are refused.
+    """
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            duplicated = next(key for index, (key, _) in enumerate(pairs) if key in dict(pairs[:index]))
+            raise ValueError(f"duplicate key {_shown(duplicated)}")
+        return result
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"non-standard number {name}")
+
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
+    except (ValueError, RecursionError) as error:  # ValueError: bad UTF-8, bad JSON, huge integers, the hooks above
+        raise _fail(path, f"{what} is not valid JSON ({type(error).__name__}: {str(error)[:100]})") from None
+
+
+def _check_values(document: Any, path) -> None:
+    """Walk the metadata once (no recursion): bounded nesting, finite numbers, integers within ±2**53 (so any
+    later ``float()`` is exact and cannot overflow), strings that are valid Unicode (no lone surrogates)."""
+    stack = [(document, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            _require(depth < MAX_METADATA_DEPTH, path, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels")
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _fail(path, f"metadata string {_shown(value)} is not valid Unicode") from None
+        elif isinstance(value, float):
+            _require(math.isfinite(value), path, f"metadata holds a non-finite number {value!r}")
+        elif _is_int(value):
+            _require(abs(value) <= 2**53, path, f"metadata integer {_shown(value)} is out of range")
+
+
+def _printable(value: Any, limit: int = 1024) -> bool:
+    """A string ``m4oe inspect`` can print as is: no control characters (a file must not drive the terminal)."""
+    return isinstance(value, str) and len(value) <= limit and value.isprintable()
+
+
 def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
-    """Check types and ranges of an adapter's metadata; return it unchanged or raise AdapterFormatError."""
+    """Check types and ranges of an adapter's metadata; return it (expert and decoder configs normalised, so later
+    code reads well-typed values) or raise AdapterFormatError naming ``path``."""
     _require(isinstance(metadata, dict), path, "metadata is not a JSON object")
-    _require(metadata.get("format") == FORMAT, path, f"not an m4oe adapter (format {metadata.get('format')!r})")
+    _check_values(metadata, path)
+    _require(metadata.get("format") == FORMAT, path, f"not an m4oe adapter (format {_shown(metadata.get('format'))})")
     version = metadata.get("format_version")
-    _require(isinstance(version, int), path, f"format_version must be an integer, got {version!r}")
+    _require(_is_int(version), path, f"format_version must be an integer, got {_shown(version)}")
     if version != FORMAT_VERSION:
         raise _fail(
             path,
@@ -129,19 +220,19 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     _require(
         isinstance(modality, str) and MODALITY_NAME.fullmatch(modality) is not None,
         path,
-        f"bad modality name {str(modality)[:80]!r} (1-64 letters, digits, '_' or '-')",
+        f"bad modality name {_shown(modality)} (1-64 letters, digits, '_' or '-')",
     )
     num_classes = metadata.get("num_classes")
     _require(
-        isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 1024,
+        _is_int(num_classes) and 1 <= num_classes <= 1024,
         path,
-        f"num_classes must be an integer in [1, 1024], got {num_classes!r}",
+        f"num_classes must be an integer in [1, 1024], got {_shown(num_classes)}",
     )
     labels = metadata.get("label_names")
     _require(
-        isinstance(labels, list) and all(isinstance(label, str) and len(label) <= 128 for label in labels),
+        isinstance(labels, list) and all(_printable(label, 128) for label in labels),
         path,
-        "label_names must be a list of strings (at most 128 characters each)",
+        "label_names must be a list of printable strings (at most 128 characters each)",
     )
     _require(len(labels) == num_classes, path, f"{len(labels)} label names for {num_classes} classes")
     preset = metadata.get("preset")
@@ -149,28 +240,51 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     if preset:
         try:
             validate_preset(preset)
-        except ConfigError as error:
-            raise _fail(path, f"bad preset: {error}") from None
+        except (ConfigError, TypeError, ValueError, ArithmeticError) as error:
+            raise _fail(path, f"bad preset: {str(error)[:200]}") from None
     in_chans = metadata.get("in_chans")
-    _require(isinstance(in_chans, int) and 1 <= in_chans <= 64, path, f"in_chans must be in [1, 64], got {in_chans!r}")
+    _require(_is_int(in_chans) and 1 <= in_chans <= 64, path, f"in_chans must be in [1, 64], got {_shown(in_chans)}")
     size = metadata.get("input_size")
     _require(
-        isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 32 <= s <= 8192 for s in size),
+        isinstance(size, list) and len(size) == 2 and all(_is_int(s) and 32 <= s <= 8192 for s in size),
         path,
-        f"input_size must be [H, W] with 32 <= H, W <= 8192, got {size!r}",
+        f"input_size must be [H, W] with 32 <= H, W <= 8192, got {_shown(size)}",
     )
     expert = metadata.get("expert")
     _require(isinstance(expert, dict) and {"rank", "alpha"} <= set(expert), path, "expert config needs rank and alpha")
+    decoder = metadata.get("decoder")
+    _require(isinstance(decoder, dict), path, "decoder config must be an object")
+    # ExpertConfig/DecoderConfig accept bools as integers and leave init_std unchecked: typed here first.
+    for section, key, check in (
+        (expert, "rank", _is_int), (expert, "alpha", _is_number), (expert, "gate_temperature", _is_number),
+        (expert, "init_std", _is_number), (decoder, "channels", _is_int), (decoder, "stem_channels", _is_int),
+    ):
+        if key in section:
+            _require(check(section[key]), path, f"{key} has the wrong type: {_shown(section[key])}")
+    _require(expert.get("top_k") is None or _is_int(expert["top_k"]), path, "expert top_k must be an integer or null")
+    _require(
+        expert.get("target_pattern") is None or _printable(expert["target_pattern"]),
+        path,
+        "expert target_pattern must be a printable string of at most 1024 characters",
+    )
+    _require(expert.get("init_std", 0) >= 0, path, "expert init_std must be >= 0")
     try:  # stored back normalised, so later checks read well-typed values
         metadata["expert"] = ExpertConfig.from_dict(expert).to_dict()
-        metadata["decoder"] = DecoderConfig.from_dict(metadata.get("decoder")).to_dict()
-    except (ConfigError, TypeError, ValueError) as error:
-        raise _fail(path, f"bad expert/decoder config: {error}") from None
+        metadata["decoder"] = DecoderConfig.from_dict(decoder).to_dict()
+    except (ConfigError, TypeError, ValueError, ArithmeticError, RecursionError) as error:
+        raise _fail(path, f"bad expert/decoder config: {type(error).__name__}: {str(error)[:200]}") from None
     backbone = metadata.get("backbone")
     _require(isinstance(backbone, dict), path, "backbone identity missing")
     for key in ("family", "name", "fingerprint"):
-        _require(isinstance(backbone.get(key), str), path, f"backbone.{key} must be a string")
-    _require(isinstance(backbone.get("in_chans"), int), path, "backbone.in_chans must be an integer")
+        _require(_printable(backbone.get(key), 256), path, f"backbone.{key} must be a printable string")
+    _require(
+        backbone.get("weights") is None or _printable(backbone["weights"]), path, "backbone.weights must be a string"
+    )
+    _require(
+        backbone.get("in_chans") == in_chans and _is_int(backbone.get("in_chans")),
+        path,
+        f"backbone.in_chans {_shown(backbone.get('in_chans'))} differs from in_chans {in_chans}",
+    )
     for key in ("provenance", "metrics"):
         _require(isinstance(metadata.get(key, {}), dict), path, f"{key} must be an object")
     dtype = metadata.get("dtype")
@@ -184,7 +298,8 @@ def _source_name(source, name: str | None) -> str:
 
 
 def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse and check a safetensors header by hand (bounded size, known dtypes, offsets inside the file).
+    """Parse and check a safetensors header by hand: bounded size, strict JSON, valid m4oe metadata, tensors named
+    ``experts.*``/``decoder.*`` in the metadata's dtype, shapes and offsets that tile the data exactly.
 
     Args:
         source: a file path, or the file's bytes (``name`` then labels error messages).
@@ -198,14 +313,18 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
         prefix = bytes(source[:8])
     else:
         if not Path(source).is_file():
-            raise AdapterFormatError(f"{path}: adapter file not found")
-        size = Path(source).stat().st_size
-        with open(source, "rb") as stream:
-            prefix = stream.read(8)
+            raise AdapterFormatError(f"{path}: adapter file not found (or not a regular file)")
+        try:
+            size = Path(source).stat().st_size
+            with open(source, "rb") as stream:
+                prefix = stream.read(8)
+        except OSError as error:
+            raise _fail(path, f"cannot be read ({error.strerror or error})") from None
     _require(len(prefix) == 8, path, "truncated: shorter than a safetensors header (not an adapter file?)")
     (header_length,) = struct.unpack("<Q", prefix)
     if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
         raise _fail(path, "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files")
+    # Bounded before anything is allocated: a header claiming 2**63 bytes is refused here.
     _require(
         0 < header_length <= MAX_HEADER_BYTES,
         path,
@@ -215,13 +334,13 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
     if isinstance(source, (bytes, bytearray)):
         raw = bytes(source[8 : 8 + header_length])
     else:
-        with open(source, "rb") as stream:
-            stream.seek(8)
-            raw = stream.read(header_length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise _fail(path, f"corrupt header (not JSON: {type(error).__name__})") from None
+        try:
+            with open(source, "rb") as stream:
+                stream.seek(8)
+                raw = stream.read(header_length)
+        except OSError as error:
+            raise _fail(path, f"cannot be read ({error.strerror or error})") from None
+    header = _parse_json(raw, path, "the header")
     _require(isinstance(header, dict), path, "corrupt header (not a JSON object)")
     header_metadata = header.pop("__metadata__", None)
     _require(isinstance(header_metadata, dict), path, "no m4oe metadata: a safetensors file, but not an m4oe adapter")
@@ -232,68 +351,89 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
     )
     document = header_metadata.get("m4oe")
     _require(isinstance(document, str), path, "metadata field 'm4oe' missing")
-    try:
-        metadata = json.loads(document)
-    except (json.JSONDecodeError, RecursionError):
-        raise _fail(path, "metadata field 'm4oe' is not valid JSON") from None
-    validate_metadata(metadata, path)
+    metadata = validate_metadata(_parse_json(document, path, "metadata field 'm4oe'"), path)
     _require(len(header) <= MAX_TENSORS, path, f"too many tensors ({len(header)})")
-    data_length = size - 8 - header_length
-    covered = 0
-    for name, entry in header.items():
-        _require(isinstance(entry, dict), path, f"tensor {name!r}: bad header entry")
+    expected_dtype = SAFETENSORS_NAMES[metadata["dtype"]]
+    spans = []
+    for tensor_name, entry in header.items():
+        _require(
+            tensor_name.startswith((EXPERT_PREFIX, DECODER_PREFIX)),
+            path,
+            f"unexpected tensor {_shown(tensor_name)} (expected experts.* or decoder.*)",
+        )
+        _require(isinstance(entry, dict), path, f"tensor {_shown(tensor_name)}: bad header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         _require(
             isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES,
             path,
-            f"tensor {name!r}: dtype {str(dtype)[:40]!r} is not F32, F16 or BF16",
+            f"tensor {_shown(tensor_name)}: dtype {_shown(dtype)} is not F32, F16 or BF16",
         )
         _require(
-            isinstance(shape, list) and len(shape) <= 8 and all(isinstance(s, int) and 0 <= s < 2**31 for s in shape),
+            dtype == expected_dtype,
             path,
-            f"tensor {name!r}: bad shape {shape!r}",
+            f"tensor {_shown(tensor_name)}: dtype {dtype}, but the metadata says {metadata['dtype']} (one dtype per adapter)",
+        )
+        # Shape entries below 2**31 and a byte count that must match the file: a shape claiming 2**40 elements is
+        # refused here, by arithmetic, before safetensors allocates anything.
+        _require(
+            isinstance(shape, list) and len(shape) <= 8 and all(_is_int(s) and 0 <= s < 2**31 for s in shape),
+            path,
+            f"tensor {_shown(tensor_name)}: bad shape {_shown(shape)}",
         )
         _require(
-            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets),
+            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets),
             path,
-            f"tensor {name!r}: bad data offsets",
+            f"tensor {_shown(tensor_name)}: bad data offsets",
         )
         start, end = offsets
-        _require(0 <= start <= end <= data_length, path, f"tensor {name!r}: data outside the file (truncated?)")
         _require(
             end - start == math.prod(shape) * SAFETENSORS_DTYPES[dtype],
             path,
-            f"tensor {name!r}: {end - start} bytes for shape {shape} {dtype}",
+            f"tensor {_shown(tensor_name)}: {end - start} bytes for shape {shape} {dtype}",
         )
-        covered += end - start
-    _require(covered == data_length, path, "tensor data does not fill the file exactly (truncated or padded)")
+        spans.append((start, end, tensor_name))
+    cursor = 0
+    for start, end, tensor_name in sorted(spans):
+        _require(start == cursor, path, f"tensor {_shown(tensor_name)}: data overlaps another tensor or leaves a gap")
+        cursor = end
+    _require(cursor == size - 8 - header_length, path, "tensor data does not fill the file exactly (truncated or padded)")
     return metadata, header
+
+
+def _read_file(path: str | Path) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as error:
+        raise _fail(path, f"cannot be read ({error.strerror or error})") from None
 
 
 def read_adapter(source: str | Path | bytes, name: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and tensors of an adapter (a path or the file's bytes), fully validated: header, metadata schema,
-    tensor names, finite values. Every failure is an :class:`AdapterFormatError` naming the file."""
+    tensor names, finite values. Every failure is an :class:`AdapterFormatError` naming the file.
+
+    A file is read into memory once and then checked exactly like bytes (one code path; no memory map that another
+    process could truncate under us).
+    """
     path = _source_name(source, name)
-    metadata, header = read_header(source, name)
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        read_header(source, name)  # refuses a foreign or oversized file before reading it whole
+        data = _read_file(source)
+    metadata, header = read_header(data, path)
     import safetensors.torch
 
     try:
-        if isinstance(source, (bytes, bytearray)):
-            tensors = safetensors.torch.load(bytes(source))
-        else:
-            tensors = safetensors.torch.load_file(str(source))
+        tensors = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own and Python errors for corrupt data: all mean corrupt
         raise _fail(path, f"corrupt tensor data ({type(error).__name__}: {str(error)[:200]})") from None
-    if set(tensors) != set(header):
+    if set(tensors) != set(header) or any(list(t.shape) != header[k]["shape"] for k, t in tensors.items()):
         raise _fail(path, "tensor table and tensor data disagree")
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    if len(dtypes) > 1:
-        raise _fail(path, f"mixed tensor dtypes {sorted(str(d) for d in dtypes)}; an adapter has one dtype")
-    for tensor_name, tensor in tensors.items():
-        if not (tensor_name.startswith(EXPERT_PREFIX) or tensor_name.startswith(DECODER_PREFIX)):
-            raise _fail(path, f"unexpected tensor {tensor_name!r} (expected experts.* or decoder.*)")
-        if not bool(torch.isfinite(tensor).all()):
-            raise _fail(path, f"tensor {tensor_name!r} holds NaN or Inf values: the adapter is corrupt")
+    # One isfinite over everything (per-tensor calls cost far more on small tensors); names only on failure.
+    if tensors and not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors.values()])).all()):
+        bad = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+        raise _fail(path, f"tensor {bad!r} holds NaN or Inf values: the adapter is corrupt")
     return metadata, tensors
 
 
@@ -388,22 +528,37 @@ def load_adapter(
     path = _source_name(path, name)
     check_compatible(model, metadata, tensors, path, force=force)
     name = metadata["modality"]
+    active = model.active_modality
+    previous = None
     if name in model.modalities:
         if not replace:
             raise ConfigError(f"{path}: modality {name!r} is already loaded; pass replace=True to swap it")
+        # Kept until the new one is in place, so even a failure after this point leaves the model as it was.
+        previous = (model.modalities[name], {k: t.detach().clone() for k, t in model.modality_tensors(name).items()})
         model.remove_modality(name)
-    info = model.add_modality(
-        name,
-        metadata["num_classes"],
-        metadata["label_names"],
-        preset=metadata["preset"],
-        input_size=metadata["input_size"],
-    )
     try:
-        model.set_modality_tensors(name, tensors)
-    except (M4oEError, RuntimeError):
-        model.remove_modality(name)
+        info = model.add_modality(
+            name,
+            metadata["num_classes"],
+            metadata["label_names"],
+            preset=metadata["preset"],
+            input_size=metadata["input_size"],
+        )
+        try:
+            model.set_modality_tensors(name, tensors)
+        except BaseException:
+            model.remove_modality(name)
+            raise
+    except BaseException:
+        if previous is not None:
+            old_info, old_tensors = previous
+            model.add_modality(name, old_info.num_classes, old_info.label_names)
+            model.set_modality_tensors(name, old_tensors)
+            model.modalities[name] = old_info
+            model.active_modality = active
         raise
+    if active is not None:
+        model.active_modality = active  # replacing the active modality keeps it active
     info.provenance = dict(metadata.get("provenance", {}))
     info.metrics = dict(metadata.get("metrics", {}))
     return info

@@ -209,3 +209,27 @@ def test_swin_t_rank_8_file_is_at_most_5_mb_and_a_twentieth_of_the_full_model(tm
     print(f"adapter {size / 1e6:.2f} MB, full model {full.stat().st_size / 1e6:.1f} MB")
     assert size <= 5 * 1024 * 1024
     assert size * 20 <= full.stat().st_size
+
+
+def test_force_never_accepts_another_architecture(model, tmp_path):
+    from m4oe_adapters import load_backbone
+
+    from conftest import TIMM_NAME, TINY_TIMM
+
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    wider = load_backbone(f"timm:{TIMM_NAME}", None, in_chans=1, img_size=64, model_args=TINY_TIMM | {"embed_dim": 24})
+    other = SegmentationModel(wider, ExpertConfig(rank=4))
+    with pytest.raises(BackboneMismatchError) as error:
+        load_adapter(other, path, force=True)  # force waives the fingerprint, never the shapes
+    assert "ct.safetensors" in str(error.value) and "shape" in str(error.value)
+    assert "CT" not in other.modalities and not other.decoders
+
+
+def test_channel_and_layer_set_refusals_name_both_sides(model, tmp_path):
+    path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    with pytest.raises(BackboneMismatchError, match=r"ct\.safetensors.*1-channel.*takes 3"):
+        load_adapter(SegmentationModel(tiny_backbone(in_chans=3), ExpertConfig(rank=4)), path, force=True)
+    attention_only = SegmentationModel(tiny_backbone(), ExpertConfig(rank=4, target_pattern=r".*attn\.qkv"))
+    with pytest.raises(BackboneMismatchError, match=r"20 vs 5 layers; only in the file: \[.*mlp.*\], only in the mod"):
+        load_adapter(attention_only, path)
+    assert not attention_only.modalities
