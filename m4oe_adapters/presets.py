@@ -1,17 +1,28 @@
-"""Intensity presets: how raw pixel values of a modality become network inputs. A preset is a plain JSON-able dict
-stored in each adapter's metadata and reapplied automatically at prediction.
+"""Intensity presets: how raw pixel values of a modality become network inputs.
+
+A preset is a plain JSON-able dict stored in each adapter's metadata and reapplied automatically at prediction, so
+a model always sees its inputs scaled the way it was trained.
 
 Kinds:
 
-* ``ct_window`` — ``{"center": 40, "width": 400}`` in Hounsfield units: clip to the window, scale to [0, 1]. Images
-  whose source is 8-bit (already-windowed JPEG/PNG CT, e.g. COVID19 MedSeg) are *not* re-windowed: they are in
-  display units, not HU, so they are scaled by 1/255 instead (``apply_preset(..., source_dtype="uint8")``).
-* ``percentile`` — ``{"low": 0.5, "high": 99.5}``: per-image percentiles to [0, 1] (MRI, X-ray, ultrasound, EM:
-  arbitrary scanner units or 8/16-bit grey levels).
-* ``rgb_meanstd`` — ``{"mean": [...], "std": [...]}``: scale by ``scale`` (default 1/255), then per-channel
-  ``(x - mean) / std`` (fundus, dermoscopy, endoscopy: 8-bit colour photographs).
+* ``ct_window`` — ``{"center": 40, "width": 400}`` in Hounsfield units (HU): clip to
+  ``[center - width/2, center + width/2]``, scale to [0, 1].
+  **8-bit rule:** an image whose *source file* is 8-bit (``source_dtype`` ``"uint8"`` or ``"bool"``, e.g. the
+  already-windowed COVID19 MedSeg JPEGs) holds display grey levels, not HU; windowing it again would clip most
+  of it away. Such images are scaled by 1/255 instead. DICOM, NIfTI and NRRD CT (16-bit or float) are windowed.
+* ``percentile`` — ``{"low": 0.5, "high": 99.5}``: per-image percentiles (over all channels) to [0, 1]. The default
+  for MRI (arbitrary scanner units), X-ray, ultrasound and electron microscopy (8- or 16-bit grey levels whose
+  range differs per device; percentiles ignore burnt-in text and a few saturated pixels, min/max would not).
+* ``minmax`` — ``{}``: per-image minimum/maximum to [0, 1]. Available for users; not a default.
+* ``rgb_meanstd`` — ``{"mean": [...], "std": [...]}`` (ImageNet by default): scale to [0, 1], then per-channel
+  ``(x - mean) / std``. The default for fundus, dermoscopy and endoscopy (8-bit colour photographs). The scale is
+  ``preset["scale"]`` when given, else it follows ``source_dtype``: 1/255 for 8-bit, 1/65535 for 16-bit, 1 for
+  float images already in [0, 1], 1/255 for other float images.
 
-A constant image maps to zeros (no division by zero).
+A constant image (max = min) maps to zeros under ``percentile`` and ``minmax`` (no division by zero).
+NaN/Inf pixels are refused with :class:`~m4oe_adapters.errors.DataError` (readers refuse them earlier too).
+Modality names match case-insensitively, with aliases (``x-ray``/``cxr`` → ``xray``, ``em`` →
+``electron_microscopy``, ``mr`` → ``mri``, ``us`` → ``ultrasound``...).
 """
 from __future__ import annotations
 
@@ -19,101 +30,150 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 ALIASES = {
-    "x-ray": "xray", "cxr": "xray", "radiograph": "xray", "mr": "mri", "em": "electron_microscopy",
-    "microscopy": "electron_microscopy", "us": "ultrasound", "dermatoscopy": "dermoscopy",
-    "colonoscopy": "endoscopy", "retina": "fundus",
+    "x-ray": "xray", "x_ray": "xray", "cxr": "xray", "radiograph": "xray", "mr": "mri", "em": "electron_microscopy",
+    "electron microscopy": "electron_microscopy", "microscopy": "electron_microscopy", "us": "ultrasound",
+    "dermatoscopy": "dermoscopy", "colonoscopy": "endoscopy", "retina": "fundus",
 }
+PERCENTILE = {"kind": "percentile", "low": 0.5, "high": 99.5}
+RGB_IMAGENET = {"kind": "rgb_meanstd", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ct": {"kind": "ct_window", "center": 40.0, "width": 400.0},
-    "mri": {"kind": "percentile", "low": 0.5, "high": 99.5},
-    "xray": {"kind": "percentile", "low": 0.5, "high": 99.5},
-    "ultrasound": {"kind": "percentile", "low": 0.5, "high": 99.5},
-    "electron_microscopy": {"kind": "percentile", "low": 0.5, "high": 99.5},
-    "fundus": {"kind": "rgb_meanstd", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1 / 255},
-    "dermoscopy": {"kind": "rgb_meanstd", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1 / 255},
-    "endoscopy": {"kind": "rgb_meanstd", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1 / 255},
+    "mri": PERCENTILE,
+    "xray": PERCENTILE,
+    "ultrasound": PERCENTILE,
+    "electron_microscopy": PERCENTILE,
+    "fundus": RGB_IMAGENET,
+    "dermoscopy": RGB_IMAGENET,
+    "endoscopy": RGB_IMAGENET,
 }
-KINDS = ("ct_window", "percentile", "rgb_meanstd")
+KINDS = ("ct_window", "percentile", "minmax", "rgb_meanstd")
+EIGHT_BIT_SOURCES = ("uint8", "int8", "bool")
+
+
+class PresetError(ConfigError):
+    """A preset has an unknown kind, a missing parameter or a value of the wrong type or range."""
 
 
 def canonical_modality(modality: str) -> str:
-    name = modality.strip().lower()
+    """``"X-Ray"`` → ``"xray"``: lower case, aliases resolved."""
+    name = str(modality).strip().lower()
     return ALIASES.get(name, name)
 
 
 def default_preset(modality: str) -> dict[str, Any]:
-    """The preset used for ``modality`` unless told otherwise (percentile for unknown modalities)."""
-    preset = DEFAULTS.get(canonical_modality(modality), {"kind": "percentile", "low": 0.5, "high": 99.5})
+    """A fresh copy of the preset used for ``modality`` unless told otherwise (percentile for unknown ones)."""
+    preset = DEFAULTS.get(canonical_modality(modality), PERCENTILE)
     return {key: (list(value) if isinstance(value, list) else value) for key, value in preset.items()}
 
 
 def _number(preset: dict, key: str, default: float | None = None) -> float:
     value = preset.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ConfigError(f"preset {preset.get('kind')!r}: {key} must be a finite number, got {value!r}")
+        raise PresetError(f"preset {preset.get('kind')!r}: {key} must be a finite number, got {value!r}")
     return float(value)
 
 
+def _numbers(preset: dict, key: str) -> list[float]:
+    values = preset.get(key)
+    if (
+        not isinstance(values, list) or not values
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+    ):
+        raise PresetError(f"preset 'rgb_meanstd': {key} must be a non-empty list of finite numbers, got {values!r}")
+    return [float(v) for v in values]
+
+
 def validate_preset(preset: Any) -> dict[str, Any]:
-    """Check a preset's kind and parameters; returns it unchanged or raises :class:`ConfigError`."""
+    """Check a preset's kind and parameters.
+
+    Returns:
+        A normalised copy (numbers as floats, defaults filled in), JSON-able.
+
+    Raises:
+        PresetError: unknown kind, wrong types, ``width <= 0``, ``low >= high``, ``std <= 0``...
+    """
     if not isinstance(preset, dict) or preset.get("kind") not in KINDS:
-        raise ConfigError(f"preset must be a mapping with kind in {KINDS}, got {preset!r}")
+        raise PresetError(f"a preset must be a mapping with 'kind' in {KINDS}, got {preset!r}")
     kind = preset["kind"]
     if kind == "ct_window":
-        _number(preset, "center")
-        if _number(preset, "width") <= 0:
-            raise ConfigError("ct_window preset: width must be > 0 HU")
-    elif kind == "percentile":
+        width = _number(preset, "width")
+        if width <= 0:
+            raise PresetError(f"ct_window preset: width must be > 0 HU, got {width}")
+        return {"kind": kind, "center": _number(preset, "center"), "width": width}
+    if kind == "percentile":
         low, high = _number(preset, "low", 0.5), _number(preset, "high", 99.5)
         if not 0 <= low < high <= 100:
-            raise ConfigError(f"percentile preset: need 0 <= low < high <= 100, got {low}, {high}")
-    else:
-        for key in ("mean", "std"):
-            values = preset.get(key)
-            if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) for v in values):
-                raise ConfigError(f"rgb_meanstd preset: {key} must be a list of numbers")
-        if any(v <= 0 for v in preset["std"]):
-            raise ConfigError("rgb_meanstd preset: std must be > 0")
-        _number(preset, "scale", 1 / 255)
-    return preset
+            raise PresetError(f"percentile preset: need 0 <= low < high <= 100, got low={low}, high={high}")
+        return {"kind": kind, "low": low, "high": high}
+    if kind == "minmax":
+        return {"kind": kind}
+    mean, std = _numbers(preset, "mean"), _numbers(preset, "std")
+    if len(mean) != len(std):
+        raise PresetError(f"rgb_meanstd preset: {len(mean)} means but {len(std)} standard deviations")
+    if any(v <= 0 for v in std):
+        raise PresetError(f"rgb_meanstd preset: std must be > 0, got {std}")
+    checked: dict[str, Any] = {"kind": kind, "mean": mean, "std": std}
+    if "scale" in preset:
+        checked["scale"] = _number(preset, "scale")
+    return checked
+
+
+def _unit_range(data: np.ndarray, low: float, high: float) -> np.ndarray:
+    if not high - low > 1e-6:  # constant image: zeros rather than a division by zero
+        return np.zeros_like(data)
+    scaled = (np.clip(data, low, high) - low) / (high - low)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)  # float32 rounding can land a hair above 1
+
+
+def _rgb_scale(data: np.ndarray, source_dtype: str | None) -> float:
+    if source_dtype in EIGHT_BIT_SOURCES:
+        return 1 / 255
+    if source_dtype in ("uint16", "int16"):
+        return 1 / 65535
+    return 1.0 if data.size and float(data.max()) <= 1.0 else 1 / 255
 
 
 def apply_preset(image: np.ndarray, preset: dict[str, Any], source_dtype: str | None = None) -> np.ndarray:
     """Normalise one image.
 
     Args:
-        image: ``[C, H, W]`` raw values (HU for CT volumes/DICOM, grey levels or colour otherwise).
+        image: ``[C, H, W]`` raw values (HU for DICOM/NIfTI CT, grey levels or colour otherwise).
         preset: see the module docstring; an empty dict means ``percentile``.
-        source_dtype: the file's pixel type (``"uint8"``...); 8-bit CT is scaled by 1/255, not windowed.
+        source_dtype: the source file's pixel type (``ImageRecord.meta["dtype"]``, e.g. ``"uint8"``); 8-bit CT
+            is scaled by 1/255, not windowed, and it picks the ``rgb_meanstd`` scale.
 
     Returns:
         ``[C, H, W]`` float32.
+
+    Raises:
+        PresetError: a bad preset. DataError: NaN/Inf pixels.
     """
-    preset = preset or {"kind": "percentile", "low": 0.5, "high": 99.5}
-    validate_preset(preset)
+    preset = validate_preset(preset or PERCENTILE)
     data = np.asarray(image, dtype=np.float32)
+    if data.size and not np.isfinite(data).all():
+        raise DataError("the image holds NaN or Inf values; fix the file before normalising it")
     kind = preset["kind"]
     if kind == "ct_window":
-        if source_dtype == "uint8":
-            return data / 255.0
+        if source_dtype in EIGHT_BIT_SOURCES:
+            return (data / 255.0).astype(np.float32)
         low = preset["center"] - preset["width"] / 2
-        return ((np.clip(data, low, low + preset["width"]) - low) / preset["width"]).astype(np.float32)
+        return _unit_range(data, low, low + preset["width"])
     if kind == "percentile":
-        low, high = np.percentile(data, [preset.get("low", 0.5), preset.get("high", 99.5)])
-        if high - low < 1e-6:
-            return np.zeros_like(data)
-        return ((np.clip(data, low, high) - low) / (high - low)).astype(np.float32)
-    scale = float(preset.get("scale", 1 / 255))
-    mean = np.asarray(preset["mean"], dtype=np.float32)
-    std = np.asarray(preset["std"], dtype=np.float32)
+        if data.size == 0:
+            return data
+        low, high = np.percentile(data, [preset["low"], preset["high"]])
+        return _unit_range(data, float(low), float(high))
+    if kind == "minmax":
+        return _unit_range(data, float(data.min()), float(data.max())) if data.size else data
+    scale = preset.get("scale", _rgb_scale(data, source_dtype))
     channels = data.shape[0]
-    if channels != len(mean):
-        mean = np.resize(mean, channels) if len(mean) > 1 else np.full(channels, mean[0])
-        std = np.resize(std, channels) if len(std) > 1 else np.full(channels, std[0])
+    mean, std = np.asarray(preset["mean"], np.float32), np.asarray(preset["std"], np.float32)
+    if len(mean) != channels:  # a grey image under an RGB preset: the channel means, repeated
+        mean, std = np.full(channels, mean.mean(), np.float32), np.full(channels, std.mean(), np.float32)
     return ((data * scale - mean[:, None, None]) / std[:, None, None]).astype(np.float32)

@@ -16,12 +16,14 @@ from m4oe_adapters.data import (
     read_image,
     read_manifest,
     read_mask,
+    read_volume,
     samples_from_folders,
     scan_samples,
+    select,
     write_mask,
 )
-from m4oe_adapters.presets import apply_preset, default_preset, validate_preset
-from m4oe_adapters.errors import ConfigError
+from m4oe_adapters.errors import ConfigError, DataError
+from m4oe_adapters.presets import PresetError, apply_preset, canonical_modality, default_preset, validate_preset
 
 
 def asymmetric(height=40, width=70):
@@ -120,8 +122,8 @@ def test_nifti_volume_is_sliced_along_the_axis_and_masks_keep_geometry(tmp_path)
     assert np.array_equal(np.asarray(saved.dataobj), labels)
 
 
-def test_dicom_is_converted_to_hounsfield_units(tmp_path):
-    import pydicom
+def write_dicom(path, pixels, z=5.0):
+    """A CT slice: stored values ``pixels`` (uint16), HU = stored - 1024, at height ``z`` mm."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -129,20 +131,24 @@ def test_dicom_is_converted_to_hounsfield_units(tmp_path):
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(tmp_path / "s.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    pixels = np.zeros((16, 24), np.uint16)
-    pixels[2:5, 3:20] = 1064  # 1064 - 1024 = 40 HU
-    ds.Modality, ds.Rows, ds.Columns = "CT", 16, 24
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality, ds.Rows, ds.Columns = "CT", *pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelSpacing, ds.ImagePositionPatient = [0.8, 0.8], [0, 0, 5]
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(tmp_path / "s.dcm", enforce_file_format=True)
+    ds.PixelSpacing, ds.ImagePositionPatient = [0.8, 0.8], [0, 0, z]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_is_converted_to_hounsfield_units(tmp_path):
+    pixels = np.zeros((16, 24), np.uint16)
+    pixels[2:5, 3:20] = 1064  # 1064 - 1024 = 40 HU
+    write_dicom(tmp_path / "s.dcm", pixels)
     record = read_image(tmp_path / "s.dcm")
     assert record.array.shape == (1, 16, 24)
     assert record.array[0, 3, 10] == 40 and record.array[0, 0, 0] == -1024
-    assert record.meta["dicom_modality"] == "CT"
+    assert record.meta["dicom_modality"] == "CT" and record.meta["spacing"] == [0.8, 0.8]
 
 
 def test_hdf5_image_and_label_in_one_file(tmp_path):
@@ -257,3 +263,336 @@ def test_constant_image_normalises_to_zeros_and_bad_presets_are_refused():
         validate_preset({"kind": "ct_window", "center": 40, "width": 0})
     with pytest.raises(ConfigError):
         validate_preset({"kind": "magic"})
+
+
+# ------------------------------------------------------------------------------------------------ more formats
+@pytest.mark.parametrize("name", ["a.bmp", "a.gif", "a.tif", "a.jpg"])
+def test_other_picture_formats_read_as_pil_shows_them(tmp_path, name):
+    Image.fromarray(asymmetric()).save(tmp_path / name)
+    record = read_image(tmp_path / name)
+    assert record.array.shape == (1, 40, 70)
+    shown = np.asarray(Image.open(tmp_path / name).convert("L"))
+    assert np.array_equal(record.array[0], shown)
+
+
+def test_colour_image_orientation_matches_pil(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    record = read_image(tmp_path / "c.png")
+    assert np.array_equal(np.moveaxis(record.array, 0, -1), np.asarray(Image.open(tmp_path / "c.png")))
+    assert record.meta["dtype"] == "uint8" and record.meta["shape"] == [30, 50, 3]
+
+
+def test_sixteen_bit_colour_tiff_is_read_with_tifffile(tmp_path):
+    import tifffile
+
+    data = np.random.default_rng(0).integers(0, 65535, (10, 14, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tif", data, photometric="rgb")
+    record = read_image(tmp_path / "deep.tif")
+    assert np.array_equal(record.array, np.moveaxis(data, -1, 0).astype(np.float32))
+
+
+def test_two_channel_image_is_refused_naming_the_file(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((10, 14, 2), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ImageReadError, match="two.tif.*2 channels"):
+        read_image(tmp_path / "two.tif")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and header claiming ``width x height`` pixels, with no pixel data (a cheap 'bomb')."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_twenty_thousand_square_image_gets_a_typed_error_not_a_decompression_bomb(tmp_path):
+    (tmp_path / "huge.png").write_bytes(png_header_only(20001, 20000))
+    with pytest.raises(DataError, match="huge.png.*over the limit.*M4OE_MAX_PIXELS"):
+        read_image(tmp_path / "huge.png")
+
+
+def test_constant_image_reads_and_normalises_to_zeros(tmp_path):
+    Image.fromarray(np.full((8, 9), 77, np.uint8)).save(tmp_path / "flat.png")
+    record = read_image(tmp_path / "flat.png")
+    for modality in ("MRI", "xray", "ultrasound", "em"):
+        assert not apply_preset(record.array, default_preset(modality)).any()
+
+
+def test_nrrd_volume_reads_as_pynrrd_stores_it(tmp_path):
+    import nrrd
+
+    volume = np.arange(6 * 7 * 3, dtype=np.int16).reshape(6, 7, 3)
+    nrrd.write(str(tmp_path / "v.nrrd"), volume)
+    data, affine = read_volume(tmp_path / "v.nrrd")
+    assert np.array_equal(data, volume) and affine.shape == (4, 4)
+    assert np.array_equal(read_image(tmp_path / "v.nrrd", slice_index=1).array[0], volume[:, :, 1])
+
+
+def test_three_d_volume_without_a_slice_index_is_refused(tmp_path):
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    with pytest.raises(ImageReadError, match="slice index"):
+        read_image(tmp_path / "v.nii.gz")
+    assert read_image(tmp_path / "v.nii.gz", slice_axis=0, slice_index=3).array.shape == (1, 5, 6)
+
+
+def test_unsupported_and_missing_files_name_the_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageReadError, match="notes.txt.*unsupported"):
+        read_image(tmp_path / "notes.txt")
+    with pytest.raises(ImageReadError, match="absent.png"):
+        read_image(tmp_path / "absent.png")
+
+
+# ------------------------------------------------------------------------------------------------ masks
+@pytest.mark.parametrize("values,suffix_,expected", [
+    (np.array([[0, 1], [1, 0]], np.uint8), ".png", [[0, 1], [1, 0]]),
+    (np.array([[0, 255], [255, 0]], np.uint8), ".png", [[0, 1], [1, 0]]),
+    (np.array([[0, 2], [3, 1]], np.uint8), ".png", [[0, 2], [3, 1]]),
+])
+def test_auto_encoding_reads_zero_one_zero_255_and_class_ids(tmp_path, values, suffix_, expected):
+    Image.fromarray(values).save(tmp_path / f"m{suffix_}")
+    assert np.array_equal(read_mask(tmp_path / f"m{suffix_}"), expected)
+
+
+def test_auto_encoding_refuses_a_png_with_stray_values(tmp_path):
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:5], mask[5, 5] = 255, 37
+    Image.fromarray(mask).save(tmp_path / "smoothed.png")
+    with pytest.raises(MaskError, match="smoothed.png"):
+        read_mask(tmp_path / "smoothed.png")
+
+
+def test_colour_jpeg_mask_is_thresholded_on_grey_level(tmp_path):
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[8:40, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=60)
+    decoded = read_mask(tmp_path / "m.jpg")
+    assert (decoded == (mask[..., 0] > 0)).mean() > 0.98
+
+
+def test_isbi_labels_are_inverted_so_membranes_are_foreground(tmp_path):
+    label = np.full((8, 8), 255, np.uint8)
+    label[:, 3] = 0  # a membrane
+    Image.fromarray(label).save(tmp_path / "0.png")
+    decoded = read_mask(tmp_path / "0.png", dataset="ISBI2012_EM")
+    assert decoded[:, 3].all() and decoded.sum() == 8
+
+
+def test_mask_checked_against_its_image_names_both_files_and_shapes(tmp_path):
+    Image.fromarray(asymmetric()).save(tmp_path / "scan.png")
+    Image.fromarray(np.zeros((70, 40), np.uint8)).save(tmp_path / "scan_mask.png")  # transposed by mistake
+    with pytest.raises(MaskError, match=r"scan_mask.png.*70x40.*scan.png.*40x70"):
+        read_mask(tmp_path / "scan_mask.png", image_record=read_image(tmp_path / "scan.png"))
+
+
+def test_cxr_lung_crops_are_pasted_at_their_offsets(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((50, 80), np.uint8)).save(tmp_path / "images" / "p.png")
+    left = np.zeros((20, 10, 4), np.uint8)
+    left[..., 3], left[2:18, 2:8, 0] = 255, 255  # (255, 0, 0) = lung
+    right = np.zeros((20, 10, 4), np.uint8)
+    right[..., 3], right[2:18, 2:8, :3] = 255, (187, 73, 73)
+    Image.fromarray(left).save(tmp_path / "masks" / "l.png")
+    Image.fromarray(right).save(tmp_path / "masks" / "r.png")
+    (tmp_path / "lung_masks_index.csv").write_text(
+        "image,left_lung_mask,left_left,left_top,right_lung_mask,right_left,right_top\n"
+        "images/p.png,masks/l.png,60,5,masks/r.png,10,5\n"
+    )
+    sample = Sample("CXR_COVID_GeneralBlockchain", "xray", "A", tmp_path / "images" / "p.png", tmp_path / "masks" / "l.png")
+    _, mask, _ = load_pair(sample)
+    assert mask.shape == (50, 80) and mask.sum() == 2 * 16 * 6
+    assert mask[7:23, 62:68].all() and mask[7:23, 12:18].all()
+
+
+def test_ct_dicom_slice_picks_its_nrrd_label_slice_by_z_position(tmp_path):
+    import nrrd
+
+    labels = np.zeros((24, 16, 3), np.int16)  # pynrrd order x, y, z: label[:, :, k].T is [rows, columns]
+    for k in range(3):
+        labels[k + 1, 2, k] = k + 1
+    header = {"space": "left-posterior-superior", "space origin": [0.0, 0.0, -10.0],
+              "space directions": np.diag([0.8, 0.8, 1.0])}
+    nrrd.write(str(tmp_path / "seg.nrrd"), labels, header)
+    write_dicom(tmp_path / "s.dcm", np.zeros((16, 24), np.uint16), z=-9.0)  # z = -9 → k = 1
+    _, mask, _ = load_pair(Sample("CT_dcmqi_3slice", "CT", "A", tmp_path / "s.dcm", tmp_path / "seg.nrrd"))
+    assert mask.shape == (16, 24) and mask[2, 2] == 2 and mask.sum() == 2
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def test_png_mask_is_written_atomically_with_the_image_size(tmp_path):
+    Image.fromarray(asymmetric()).save(tmp_path / "img.png")
+    record = read_image(tmp_path / "img.png")
+    mask = (record.array[0] > 0).astype(np.uint8)
+    write_mask(mask, tmp_path / "out" / "img_mask.png", like=record)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "img_mask.png")), mask)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["img_mask.png"]  # no temporary left behind
+    with pytest.raises(MaskError, match="img.png"):
+        write_mask(mask[:10], tmp_path / "out" / "bad.png", like=record)
+
+
+def test_nifti_mask_takes_the_affine_of_its_image(tmp_path):
+    import nibabel
+
+    affine = np.diag([0.5, 0.5, 3.0, 1.0])
+    nibabel.save(nibabel.Nifti1Image(np.zeros((6, 7, 2), np.float32), affine), tmp_path / "v.nii.gz")
+    record = read_image(tmp_path / "v.nii.gz", slice_index=0)
+    write_mask(np.ones((6, 7), np.uint8), tmp_path / "m.nii.gz", like=record)
+    np.testing.assert_allclose(nibabel.load(tmp_path / "m.nii.gz").affine, affine)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def test_volumes_in_a_manifest_expand_to_slices_with_foreground(tmp_path):
+    import nibabel
+
+    labels = np.zeros((8, 9, 6), np.uint8)
+    labels[2:4, 2:4, [1, 4]] = 1
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((8, 9, 6)).astype(np.float32), np.eye(4)),
+                 tmp_path / "img.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), tmp_path / "seg.nii.gz")
+    (tmp_path / "m.csv").write_text("dataset,modality,site,image,mask\nd,MRI,S,img.nii.gz,seg.nii.gz\n")
+    samples = read_manifest(tmp_path / "m.csv")
+    assert [s.slice_index for s in samples] == [1, 4]
+    assert len(read_manifest(tmp_path / "m.csv", nonempty_slices=False)) == 6
+    _, mask, _ = load_pair(samples[1])
+    assert mask.sum() == 4
+
+
+def test_manifest_naming_a_missing_file_reports_the_line(tmp_path):
+    (tmp_path / "m.csv").write_text("dataset,modality,site,image,mask\nd,CT,S,gone.png,\n")
+    with pytest.raises(ManifestError, match=r"m.csv, line 2.*gone.png"):
+        read_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("image_name,mask_name", [
+    ("21_training.tif", "21_manual1.gif"), ("Image_01L.jpg", "Image_01L_1stHO.png"),
+    ("IMD003.bmp", "IMD003_lesion.bmp"), ("000_HC.png", "000_HC_Annotation.png"), ("case.png", "case_MASK.png"),
+])
+def test_folders_pair_names_with_common_mask_endings(tmp_path, image_name, mask_name):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    Image.fromarray(asymmetric()).save(tmp_path / "i" / image_name)
+    Image.fromarray(np.zeros((40, 70), np.uint8)).save(tmp_path / "m" / mask_name)
+    [sample] = samples_from_folders(tmp_path / "i", tmp_path / "m", "fundus", "X")
+    assert sample.mask.name == mask_name and sample.site == "X"
+
+
+def test_image_without_a_mask_in_the_mask_folder_is_reported(tmp_path):
+    write_pairs(tmp_path)
+    (tmp_path / "masks" / "case2_mask.png").unlink()
+    with pytest.raises(ManifestError, match="case2.png"):
+        samples_from_folders(tmp_path / "images", tmp_path / "masks", "fundus")
+
+
+def test_select_filters_by_modality_alias_site_and_split(tmp_path):
+    samples = [Sample("d", "X-Ray", "A", tmp_path / "1.png", None, "train"),
+               Sample("d", "CXR", "B", tmp_path / "2.png", None, "test"),
+               Sample("d", "CT", "A", tmp_path / "3.png", None, "train")]
+    assert len(select(samples, modality="xray")) == 2
+    assert [s.site for s in select(samples, modality="xray", sites=["B"])] == ["B"]
+    assert len(select(samples, split="train")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def test_resized_labels_keep_their_class_ids_and_grey_becomes_rgb(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(asymmetric(45, 61)).save(tmp_path / "images" / "a.png")
+    mask = np.zeros((45, 61), np.uint8)
+    mask[5:20, 5:30], mask[25:40, 30:60] = 1, 2
+    Image.fromarray(mask).save(tmp_path / "masks" / "a_mask.png")
+    samples = samples_from_folders(tmp_path / "images", tmp_path / "masks", "ultrasound")
+    item = SegmentationDataset(samples, in_channels=3, size=(32, 48), mode="resize")[0]
+    assert item["image"].shape == (3, 32, 48) and item["label"].shape == (1, 32, 48)
+    assert set(item["label"].unique().tolist()) == {0, 1, 2}
+    assert torch.equal(item["image"][0], item["image"][2]) and item["modality"] == "ultrasound"
+
+
+def test_different_seeds_give_different_augmentations(tmp_path):
+    write_pairs(tmp_path, count=1, size=(64, 64))
+    samples = samples_from_folders(tmp_path / "images", tmp_path / "masks", "fundus")
+    dataset = SegmentationDataset(samples, size=(32, 32), augment=True)
+    items = []
+    for seed in range(4):
+        dataset.set_sample_seed(seed)
+        items.append(dataset[0]["image"])
+    assert any(not torch.equal(items[0], other) for other in items[1:])
+
+
+def test_dataset_refuses_bad_settings(tmp_path):
+    write_pairs(tmp_path, count=1)
+    samples = samples_from_folders(tmp_path / "images", tmp_path / "masks", "fundus")
+    with pytest.raises(ConfigError):
+        SegmentationDataset(samples, mode="stretch")
+    with pytest.raises(DataError):
+        SegmentationDataset([])
+
+
+# ------------------------------------------------------------------------------------------------ presets
+def test_modality_names_are_case_insensitive_with_aliases():
+    assert canonical_modality("X-Ray") == canonical_modality("cxr") == "xray"
+    assert canonical_modality("EM") == "electron_microscopy"
+    assert default_preset("ct") == default_preset("CT")
+    assert default_preset("Fundus")["kind"] == "rgb_meanstd"
+
+
+def test_presets_survive_a_json_round_trip():
+    import json
+
+    for modality in ("CT", "MRI", "xray", "ultrasound", "em", "fundus", "dermoscopy", "endoscopy", "unknown"):
+        preset = default_preset(modality)
+        assert validate_preset(json.loads(json.dumps(preset))) == validate_preset(preset)
+
+
+def test_percentile_preset_ignores_a_few_saturated_pixels():
+    image = np.tile(np.linspace(0, 100, 100, dtype=np.float32), (1, 100, 1))
+    image[0, 0, :5] = 10_000  # burnt-in text
+    out = apply_preset(image, default_preset("xray"))
+    assert out.max() == 1.0 and np.median(out) > 0.4
+
+
+def test_sixteen_bit_colour_is_scaled_by_its_own_range():
+    image = np.full((3, 4, 4), 65535.0, np.float32)
+    eight = np.full((3, 4, 4), 255.0, np.float32)
+    preset = default_preset("dermoscopy")
+    np.testing.assert_allclose(apply_preset(image, preset, source_dtype="uint16"),
+                               apply_preset(eight, preset, source_dtype="uint8"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", [
+    {"kind": "ct_window", "center": "40", "width": 400}, {"kind": "ct_window", "center": 40, "width": -5},
+    {"kind": "percentile", "low": 90, "high": 10}, {"kind": "rgb_meanstd", "mean": [0.5], "std": [0.0]},
+    {"kind": "rgb_meanstd", "mean": [0.5, 0.5], "std": [0.2]}, {"kind": "ct_window", "center": True, "width": 1},
+    "ct", None,
+])
+def test_bad_presets_raise_preset_errors(preset):
+    with pytest.raises(PresetError):
+        validate_preset(preset)
+
+
+def test_unit_range_presets_always_give_finite_values_in_zero_one():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    images = arrays(np.float32, st.tuples(st.sampled_from([1, 3]), st.integers(1, 6), st.integers(1, 6)),
+                    elements=st.floats(-5000, 70000, width=32))
+
+    @settings(max_examples=60, deadline=None)
+    @given(images, st.sampled_from(["CT", "MRI", "xray", "em"]), st.sampled_from([None, "uint8", "int16", "float32"]))
+    def check(image, modality, source_dtype):
+        out = apply_preset(image, default_preset(modality), source_dtype=source_dtype)
+        assert out.shape == image.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        if not (modality == "CT" and source_dtype == "uint8"):  # 8-bit CT is only divided by 255
+            assert out.min() >= 0 and out.max() <= 1
+
+    check()

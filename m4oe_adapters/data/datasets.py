@@ -3,8 +3,12 @@
 Each item is ``{"image": FloatTensor [C, H, W], "label": LongTensor [1, H, W], "modality", "site", "path"}``.
 Sizes: ``mode="crop"`` takes native-resolution crops of ``size`` (padded when the image is smaller; random when
 augmenting, centred otherwise), ``mode="resize"`` resizes the whole image (labels with nearest neighbour),
-``size=None`` keeps the native size. Augmentation is seeded per sample (:meth:`set_sample_seed`), so a run is
-reproducible and resumable.
+``size=None`` keeps the native size. Augmentation (flips, 90° rotations when square, intensity scale/shift) is
+seeded: the same ``seed`` and access order give the same items, and :meth:`set_sample_seed` seeds one item, so a
+training run is reproducible and resumable.
+
+Decoded, preset-normalised images are cached in memory (the shared datasets are small); bad inputs raise the
+typed errors of :mod:`.readers` and :mod:`.masks` (use :func:`~.manifest.scan_samples` first to skip them).
 """
 from __future__ import annotations
 
@@ -13,12 +17,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError, DataError
 from ..presets import apply_preset, default_preset
+from .errors import ImageReadError
 from .manifest import Sample, load_pair
 
 
-def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """``[C, H, W]`` → ``[channels, H, W]``: RGB → grey by luminance (ITU-R 601), grey → RGB by repetition."""
+def convert_channels(image: np.ndarray, channels: int, source: str | None = None) -> np.ndarray:
+    """``[C, H, W]`` → ``[channels, H, W]``: RGB → grey by luminance (ITU-R 601 weights), grey → RGB by repetition.
+
+    Raises:
+        ImageReadError: any other conversion (e.g. 3 → 2 channels), naming ``source``.
+    """
     current = image.shape[0]
     if current == channels:
         return image
@@ -27,14 +37,14 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
         return (image * weights).sum(axis=0, keepdims=True).astype(np.float32)
     if current == 1:
         return np.repeat(image, channels, axis=0)
-    from .errors import ImageReadError
-
-    raise ImageReadError(f"cannot convert a {current}-channel image to {channels} channels")
+    raise ImageReadError(f"{source or '<memory>'}: cannot convert a {current}-channel image to {channels} channels")
 
 
 def normalise(image: np.ndarray, meta: dict[str, Any], preset: dict[str, Any], channels: int) -> np.ndarray:
-    """Preset (with the source pixel type, so 8-bit CT is not re-windowed), then channel conversion."""
-    return convert_channels(apply_preset(image, preset, source_dtype=meta.get("dtype")), channels)
+    """``[C, H, W]`` raw → ``[channels, H, W]`` network input: the preset (told the source pixel type, so 8-bit CT
+    is not re-windowed), then channel conversion."""
+    normalised = apply_preset(image, preset, source_dtype=meta.get("dtype"))
+    return convert_channels(normalised, channels, meta.get("source"))
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -74,25 +84,29 @@ class SegmentationDataset(torch.utils.data.Dataset):
         )
 
         self.samples = list(samples)
-        self.preset = preset or default_preset(self.samples[0].modality if self.samples else "")
+        if not self.samples:
+            raise DataError("no samples to build a dataset from; check the modality/site/split filters and paths")
+        if in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        if mode not in ("crop", "resize"):
+            raise ConfigError(f"mode must be 'crop' or 'resize', got {mode!r}")
+        self.preset = preset or default_preset(self.samples[0].modality)
         self.in_channels = in_channels
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         keys = ["image", "label"]
         steps: list = []
         if size is not None:
-            if mode == "resize":
+            if mode == "resize":  # labels by nearest neighbour: no new class ids at edges
                 steps.append(Resized(keys, spatial_size=size, mode=("bilinear", "nearest")))
-            elif mode == "crop":
+            else:
                 steps.append(SpatialPadd(keys, spatial_size=size))
                 steps.append(RandSpatialCropd(keys, roi_size=size, random_size=False) if augment
                              else CenterSpatialCropd(keys, roi_size=size))
-            else:
-                raise ValueError(f"mode must be 'crop' or 'resize', got {mode!r}")
         if augment:
+            steps += [RandFlipd(keys, prob=0.5, spatial_axis=1), RandFlipd(keys, prob=0.2, spatial_axis=0)]
+            if size is not None and size[0] == size[1]:  # a 90° turn would change a non-square shape
+                steps.append(RandRotate90d(keys, prob=0.3, max_k=3))
             steps += [
-                RandFlipd(keys, prob=0.5, spatial_axis=1),
-                RandFlipd(keys, prob=0.2, spatial_axis=0),
-                RandRotate90d(keys, prob=0.3, max_k=3) if size is None or size[0] == size[1] else RandFlipd(keys, prob=0),
                 RandScaleIntensityd("image", factors=0.1, prob=0.5),
                 RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             ]
@@ -103,6 +117,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def set_sample_seed(self, seed: int) -> None:
+        """Seed the augmentation of the next item (the training loop passes one seed per step)."""
         self.transform.set_random_state(seed=seed)
 
     def preprocessed(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +130,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.preprocessed(index)
         item = self.transform({"image": torch.from_numpy(image.copy()), "label": torch.from_numpy(mask[None].copy())})
+        # MONAI returns MetaTensors; plain tensors keep collate and torch.compile simple.
         sample = self.samples[index]
         image, label = item["image"], item["label"]
         return {

@@ -1,13 +1,25 @@
-"""Reading masks in every encoding the shared data uses, as ``[H, W]`` int64 class ids.
+"""Reading masks in every encoding the shared data uses, as ``[H, W]`` int64 class ids (0 = background).
 
-Encodings: ``binary255`` (0/255), ``binary01`` (0/1), ``onebit`` (PIL mode "1"), ``class_ids`` (0..K-1),
-``jpeg`` (compression noise: foreground where > 127), ``invert255`` (255 = background, e.g. ISBI2012 membranes),
-``rgb`` (colour-coded classes, ``palette={(r, g, b): class}``) and ``auto``:
+Encodings:
 
-* bool or {0, 1} → as is; {0, 255} → 0/1; RGB(A) whose colour channels are equal → the first channel, then again;
-* a JPEG file → threshold at 127 (its values are noisy by nature);
-* few distinct small integers (max < 64) → class ids;
-* anything else → :class:`MaskError` (e.g. a PNG with 0/255 plus stray 37s: a resized or smoothed mask).
+* ``binary255``: values {0, 255}, 255 = foreground (DRIVE, BUSI, HC18, COVID19 CT, CXR imlab).
+* ``binary01`` / ``onebit``: values {0, 1} or a 1-bit image (PIL mode "1", CHASE_DB1, PH2), 1 = foreground.
+* ``class_ids``: integers 0..K-1 as stored (ACDC h5, NIfTI/NRRD label volumes), at most 1023.
+* ``jpeg``: a JPEG-compressed binary mask: foreground where the grey level (mean of the colour channels) > 127.
+* ``invert255``: {0, 255} with 255 = background (ISBI2012: 0 = membrane, the foreground).
+* ``rgb``: colour-coded classes, ``palette={(r, g, b): class_id}``; a colour outside the palette is an error.
+* ``auto`` decides from the file and its values, in this order:
+
+  1. a colour mask whose channels are all equal is read as grey (its first channel); one with differing
+     channels needs ``rgb`` and a palette (error otherwise);
+  2. a ``.jpg``/``.jpeg`` file → ``jpeg`` (its values are noisy by nature);
+  3. bool, or values within {0, 1} → ``binary01``;
+  4. values within {0, 255} → ``binary255``;
+  5. at most 64 distinct non-negative integers, all < 64 → ``class_ids``;
+  6. anything else → :class:`MaskError` naming the file (e.g. a PNG with 0/255 plus stray 37s: a resized,
+     smoothed or re-encoded mask that would silently gain a class).
+
+Datasets in :data:`~.known_datasets.KNOWN_DATASETS` bring their own encoding (``read_mask(..., dataset=...)``).
 """
 from __future__ import annotations
 
@@ -16,16 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageReadError, MaskError
-from .readers import read_hdf5, read_pil, read_volume, suffix, take_slice
+from .readers import ImageRecord, read_hdf5, read_pil, read_volume, suffix, take_slice
 
 ENCODINGS = ("auto", "binary255", "binary01", "onebit", "class_ids", "jpeg", "invert255", "rgb")
 
 
 def decode_mask(values: np.ndarray, encoding: str, path: Path, palette: dict | None = None) -> np.ndarray:
-    """Class ids ``[H, W]`` from raw mask values ``[H, W]`` or ``[H, W, C]``."""
+    """Class ids ``[H, W]`` int64 from raw mask values ``[H, W]`` or ``[H, W, C]`` (``path`` is for messages)."""
     if encoding not in ENCODINGS:
         raise MaskError(f"{path}: unknown mask encoding {encoding!r}; use one of {ENCODINGS}")
     data = np.asarray(values)
+    if encoding == "auto" and suffix(Path(path)) in (".jpg", ".jpeg"):
+        encoding = "jpeg"  # colour JPEG masks have chroma noise: their channels never agree exactly
     if encoding == "rgb":
         if data.ndim != 3 or not palette:
             raise MaskError(f"{path}: rgb encoding needs an RGB mask and a palette")
@@ -49,11 +63,17 @@ def decode_mask(values: np.ndarray, encoding: str, path: Path, palette: dict | N
     unique = np.unique(data)
     if encoding in ("binary01", "onebit"):
         if not set(unique.tolist()) <= {0, 1}:
-            raise MaskError(f"{path}: values {unique[:8].tolist()} in a 0/1 mask")
+            raise MaskError(
+                f"{path}: values {unique[:8].tolist()} in a 0/1 mask; pass the right encoding "
+                f"('binary255', 'class_ids', 'jpeg'...)"
+            )
         return data.astype(np.int64)
     if encoding in ("binary255", "invert255"):
         if not set(unique.tolist()) <= {0, 255}:
-            raise MaskError(f"{path}: values {unique[:8].tolist()} in a 0/255 mask (a JPEG? use encoding 'jpeg')")
+            raise MaskError(
+                f"{path}: values {unique[:8].tolist()} in a 0/255 mask: a resized or re-encoded mask? "
+                f"Re-export it with nearest-neighbour resizing, or use encoding 'jpeg' to threshold at 127"
+            )
         ones = (data == 255).astype(np.int64)
         return 1 - ones if encoding == "invert255" else ones
     if not np.allclose(data, np.round(data)) or unique.min() < 0 or unique.max() > 1023:
@@ -62,6 +82,7 @@ def decode_mask(values: np.ndarray, encoding: str, path: Path, palette: dict | N
 
 
 def guess_encoding(data: np.ndarray, path: Path) -> str:
+    """The ``auto`` rule of the module docstring, for grey ``[H, W]`` values."""
     if data.dtype == bool:
         return "binary01"
     if suffix(path) in (".jpg", ".jpeg"):
@@ -71,7 +92,7 @@ def guess_encoding(data: np.ndarray, path: Path) -> str:
         return "binary01"
     if unique <= {0, 255}:
         return "binary255"
-    if len(unique) <= 64 and max(unique) < 64 and all(float(v).is_integer() for v in unique):
+    if len(unique) <= 64 and 0 <= min(unique) and max(unique) < 64 and all(float(v).is_integer() for v in unique):
         return "class_ids"
     raise MaskError(
         f"{path}: cannot tell the mask encoding from values {sorted(unique)[:10]}...; pass an explicit encoding"
@@ -82,33 +103,60 @@ def read_mask(
     path: str | Path,
     *,
     encoding: str = "auto",
+    image_record: ImageRecord | None = None,
+    dataset: str | None = None,
     slice_axis: int = 2,
     slice_index: int | None = None,
     palette: dict | None = None,
 ) -> np.ndarray:
-    """``[H, W]`` int64 class ids from a mask file (PNG/JPG/TIF/BMP/GIF, NIfTI/NRRD slice, HDF5 ``label``)."""
+    """``[H, W]`` int64 class ids from a mask file.
+
+    Args:
+        path: PNG/JPG/TIF/BMP/GIF, a NIfTI/NRRD volume (with ``slice_index``) or an HDF5 file's ``label`` dataset.
+        encoding: see the module docstring; ``"auto"`` defers to ``dataset``'s known encoding, then guesses.
+        image_record: the image this mask belongs to: the mask must have its H, W, and datasets with their own
+            mask reader (CXR crops, DICOM ↔ NRRD) need it.
+        dataset: a manifest ``dataset`` name, looked up in ``KNOWN_DATASETS``.
+        slice_axis, slice_index: which slice of a volume (HDF5 volumes are ``[Z, H, W]``: axis 0).
+        palette: ``{(r, g, b): class_id}`` for ``encoding="rgb"``.
+
+    Raises:
+        MaskError: missing/unreadable file, unexpected values, or a size different from ``image_record``'s.
+    """
+    from .known_datasets import KNOWN_DATASETS
+
     path = Path(path)
     if not path.is_file():
         raise MaskError(f"{path}: mask file not found")
-    kind = suffix(path)
-    try:
-        if kind in (".h5", ".hdf5"):
-            values = read_hdf5(path, "label")
-            values = take_slice(values, path, 0, slice_index) if values.ndim == 3 else values
-        elif kind in (".nii", ".nii.gz", ".nrrd"):
-            volume, _ = read_volume(path)
-            values = take_slice(volume, path, slice_axis, slice_index)
-        else:
-            values, _ = read_pil(path)
-    except ImageReadError as error:
-        raise MaskError(str(error)) from None
-    return decode_mask(values, encoding, path, palette)
+    quirks = KNOWN_DATASETS.get(dataset or "", {})
+    if "mask_reader" in quirks and encoding == "auto":
+        if image_record is None:
+            raise MaskError(f"{path}: masks of dataset {dataset} are built with their image; pass image_record")
+        mask = quirks["mask_reader"](path, image_record)
+    else:
+        if encoding == "auto":
+            encoding = quirks.get("encoding", "auto")
+        kind = suffix(path)
+        try:
+            if kind in (".h5", ".hdf5"):
+                values = take_slice(read_hdf5(path, "label"), path, 0, slice_index)
+            elif kind in (".nii", ".nii.gz", ".nrrd"):
+                values = take_slice(read_volume(path)[0], path, slice_axis, slice_index)
+            else:
+                values, _ = read_pil(path)
+        except ImageReadError as error:
+            raise MaskError(str(error)) from None
+        mask = decode_mask(values, encoding, path, palette)
+    if image_record is not None:
+        check_pair(image_record.array.shape, mask, Path(image_record.meta.get("source", "<memory>")), path)
+    return mask
 
 
-def check_pair(image_shape: tuple[int, ...], mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
-    """Image ``[C, H, W]`` and mask ``[H, W]`` must cover the same pixels."""
+def check_pair(image_shape: tuple[int, ...], mask: np.ndarray, image_path: Path, mask_path: Path | None) -> None:
+    """Image ``[C, H, W]`` and mask ``[H, W]`` must cover the same pixels; :class:`MaskError` names both files."""
     if tuple(image_shape[-2:]) != tuple(mask.shape):
         raise MaskError(
-            f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image {image_path} is "
-            f"{image_shape[-2]}x{image_shape[-1]} (H x W); they must match pixel for pixel"
+            f"{mask_path}: mask is {'x'.join(map(str, mask.shape))} but image {image_path} is "
+            f"{image_shape[-2]}x{image_shape[-1]} (H x W); they must match pixel for pixel (a resized or "
+            f"mispaired mask?)"
         )
