@@ -308,7 +308,8 @@ def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
     return {
         "experts_k4_vs_lora_time": experts["step_seconds"] / lora["step_seconds"],
         "experts_k4_vs_lora_memory": experts["total_bytes"] / lora["total_bytes"],
-        "experts_vs_full_memory": training["experts_hard_k1"]["total_bytes"] / full["total_bytes"],
+        "experts_vs_full_memory": training[f"experts_hard_k{min(report['setup']['experts'])}"]["total_bytes"]
+        / full["total_bytes"],
         "lora_vs_full_memory": lora["total_bytes"] / full["total_bytes"],
         "merged_vs_base_latency": latency["merged"] / latency["frozen_base"],
         "unmerged_vs_base_latency": latency["unmerged_hard"] / latency["frozen_base"],

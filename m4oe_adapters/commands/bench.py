@@ -9,13 +9,16 @@ from .common import json_mapping
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="time and memory of experts vs PEFT LoRA vs full fine-tuning")
     parser.add_argument("--backbone", default="timm:swin_tiny_patch4_window7_224")
-    parser.add_argument("--weights", default="none", help="checkpoint, or 'none' (random weights: timing only)")
+    parser.add_argument("--weights", default="none",
+                        help="checkpoint, or 'none' (random weights; speed, memory and size do not depend on them)")
     parser.add_argument("--model-args", type=json_mapping, default=None)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--experts", default="1,4,8", help="numbers of loaded experts to time")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", default="1,4,8",
+                        help="comma-separated numbers K of loaded experts for the hard-routed training step")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="round-robin repeats per comparison (medians); lower it if training steps are slow")
     parser.add_argument("--quick", action="store_true", help="a tiny model in seconds (for tests)")
     parser.add_argument("--out", default="bench.json", help="JSON report")
     parser.set_defaults(func=run)
@@ -23,11 +26,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import format_report, run_benchmark, write_json
+    from ..errors import ConfigError
 
+    try:
+        experts = tuple(int(k) for k in args.experts.split(","))
+    except ValueError:
+        raise ConfigError(f"--experts must be comma-separated integers such as 1,4,8, got {args.experts!r}") from None
+    if args.repeats < 1 or min(experts) < 1:
+        raise ConfigError("--repeats and every --experts value must be at least 1")
     report = run_benchmark(
         backbone=args.backbone, weights=None if args.weights == "none" else args.weights,
         model_args=args.model_args, img_size=args.img_size, batch=args.batch, rank=args.rank,
-        experts=tuple(int(k) for k in args.experts.split(",")), repeats=args.repeats, quick=args.quick,
+        experts=experts, repeats=args.repeats, quick=args.quick,
     )
     report["command"] = "m4oe " + " ".join(args.argv)
     print(format_report(report))
