@@ -301,9 +301,20 @@ def pretrain(
         "data": counts, "images": len(images), "skipped": len(skipped), "steps": steps, "batch_size": batch_size,
         "crop_size": crop_size, "lr": lr, "seed": seed, "final_loss_mean_last_50": float(np.mean(tail)),
         "first_loss": history[0]["loss"] if history else None, "seconds": history[-1]["seconds"] if history else 0,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "loss_curve": loss_curve(history),
     }
     return save_backbone(model.encoder, out / "backbone", arch, model_args, in_chans, img_size, provenance, dtype)
+
+
+def loss_curve(history: list[dict[str, float]], points: int = 100) -> list[list[float]]:
+    """The training curve the backbone carries in its ``config.json``: ``[last step, mean loss]`` per window, for at
+    most ``points`` equal windows of the history (so the card can be drawn without the run folder)."""
+    if not history:
+        return []
+    window = max(1, math.ceil(len(history) / points))
+    return [[int(history[min(i + window, len(history)) - 1]["step"]),
+             round(float(np.mean([row["loss"] for row in history[i : i + window]])), 5)]
+            for i in range(0, len(history), window)]
 
 
 def rng_states() -> dict[str, Any]:

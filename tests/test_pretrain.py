@@ -1,6 +1,8 @@
 """`m4oe pretrain`: SimMIM learns, resumes exactly after a kill, and writes a backbone timm itself loads."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,10 @@ def test_pretraining_reduces_the_loss_and_writes_logs_and_previews(images, tmp_p
     for name in ("preview.png", "loss_curve.png", "log.csv"):
         assert (tmp_path / "a" / name).is_file()
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    # the backbone carries its own training curve (the model card draws it without the run folder)
+    curve = json.loads((folder / "config.json").read_text())["m4oe"]["loss_curve"]
+    assert curve[-1][0] == 30 and len(curve) == 30
+    assert [loss for _, loss in curve] == pytest.approx(losses, abs=1e-5)
 
 
 def test_corrupt_images_are_skipped_and_reported(images, tmp_path):
