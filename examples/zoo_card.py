@@ -1,13 +1,17 @@
 """Write adapters_zoo/README.md (the model card) from the files the runs produced, so no number is copied by hand.
 
-    python examples/zoo_card.py --zoo adapters_zoo --pretrain-run runs/pretrain_ref \
-        --random runs/zoo_random --sitegen-random runs/sitegen_random
+    python examples/zoo_card.py --zoo adapters_zoo --random runs/zoo_random
+
+The backbone's training curve comes from its own ``config.json`` (``m4oe.loss_curve``, written by ``m4oe pretrain``)
+and is drawn to ``backbone/loss_curve.png``; the random-weights comparison from the adapters that
+``examples/build_zoo.py --weights none --zoo runs/zoo_random`` wrote (their metadata holds the test Dice).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +21,21 @@ def fmt(value, scale=100.0):
     return "n/a" if value is None or not np.isfinite(value) else f"{value * scale:.1f}"
 
 
-def experts_all(report: Path) -> dict[str, dict[str, float]]:
-    """Per (domain, site) mean Dice of the experts/all-labels rows of a protocol metrics.json."""
-    if not report.is_file():
-        return {}
-    rows = json.loads(report.read_text())["summary"]
-    return {f"{r['domain']}:{r['site']}": r["dice"] for r in rows if r.get("mode") == "experts"
-            and str(r.get("shots")) == "all"}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zoo", default="adapters_zoo")
-    parser.add_argument("--pretrain-run", default="runs/pretrain_ref")
-    parser.add_argument("--random", default="runs/zoo_random")
-    parser.add_argument("--sitegen-random", default="runs/sitegen_random")
+    parser.add_argument("--random", nargs="+", default=["runs/zoo_random"],
+                        help="folders of adapters trained with --weights none")
+    parser.add_argument("--verdict", action="append", default=[], help="a line read off the comparison table")
+    parser.add_argument("--note", action="append", default=[], help="a line for the adapters section (repeatable)")
     args = parser.parse_args()
     zoo = Path(args.zoo)
     index = json.loads((zoo / "index.json").read_text())
     config = json.loads((zoo / "backbone" / "config.json").read_text())
     provenance = config["m4oe"]
-    log = list(csv.DictReader(open(Path(args.pretrain_run) / "log.csv")))
-    losses = [float(r["loss"]) for r in log]
+    curve = provenance.get("loss_curve") or []
+    if curve:
+        draw_curve(curve, zoo / "backbone" / "loss_curve.png")
     import safetensors.torch
 
     parameters = sum(t.numel() for t in safetensors.torch.load_file(str(zoo / "backbone" / "model.safetensors")).values())
@@ -53,11 +50,16 @@ def main() -> int:
         "(`model.safetensors` + `config.json`).",
         f"- Method: {provenance['method']}; AdamW, lr {provenance['lr']}, batch {provenance['batch_size']}, "
         f"{provenance['crop_size']}-px random resized crops, seed {provenance['seed']}, 1 CPU thread.",
-        f"- Steps: {provenance['steps']} (loss {losses[0]:.3f} at step 1 → mean {np.mean(losses[-50:]):.3f} over the last 50 "
-        f"steps), {provenance['seconds'] / 60:.0f} min of wall time on a shared 2-core CPU.",
+        f"- Steps: {provenance['steps']} of a planned 3500-step cosine schedule (stopped for time and exported with "
+        f"`--resume --steps {provenance['steps']}`, so the learning rate had not yet decayed to zero); loss "
+        f"{provenance['first_loss']:.3f} at step 1 → mean {provenance['final_loss_mean_last_50']:.3f} over the last 50 "
+        f"steps; {provenance['seconds'] / 60:.0f} min of wall time on one thread of a shared 2-core CPU.",
         f"- Data: {provenance['images']} unlabeled images and slices of `../shared/data` (masks unused): "
         + ", ".join(f"{name} {count}" for name, count in sorted(provenance["data"].items())) + ".",
-        "- Command: `examples/pretrain_reference.sh` (see the note on steps below); loss curve `loss_curve.png`.",
+        "- Command: `examples/pretrain_reference.sh` (killed after the step-2000 checkpoint, then "
+        "`examples/pretrain_reference.sh --resume --steps 2000`)."
+        + (" Training curve (mean masked-L1 loss per window of steps) below and in `backbone/loss_curve.png`."
+           if curve else " The per-step log of this run was not kept; only the first and final losses above are."),
         "- Licence notes: the backbone has seen images whose terms restrict redistribution (DRIVE explicitly; PH2 for "
         "research use; several others unstated — see each dataset's SOURCE.md). Treat these weights as research "
         "artefacts of those datasets: check every dataset's terms before publishing them outside this project.",
@@ -81,39 +83,64 @@ def main() -> int:
             f"{fmt(metrics.get('unseen_site_dice'))} | {entry['size_bytes'] / 1e6:.2f} |")
     lines += ["", "Dice in %, mean over test images of the foreground classes (MONAI `DiceMetric`). "
               "`index.json` lists each file's sha256, backbone fingerprint and provenance; `m4oe zoo verify` checks "
-              "them. Per-image reports and overlays: `reports/<adapter>/`.", ""]
-    # ---- pretrained vs random
-    random_summary = {}
-    random_file = Path(args.random) / "build_summary.json"
-    if random_file.is_file():
-        random_summary = json.loads(random_file.read_text())
-    built = json.loads((zoo / "build_summary.json").read_text())
-    comparison = []
-    for name, sitegen in (("fundus", "fundus"), ("xray", "xray")):
-        rows = experts_all(Path(f"{args.sitegen_random}_{sitegen}") / "metrics.json")
-        if rows and name in built:
-            unseen = [v for k, v in rows.items() if k.startswith("out:")]
-            inside = [v for k, v in rows.items() if k.startswith("in:")]
-            comparison.append((name, built[name], {"in_domain_dice": inside[0] if inside else None,
-                                                   "unseen_site_dice": unseen[0] if unseen else None}))
-    for name, result in random_summary.items():
-        if name in built:
-            comparison.append((name, built[name], result))
+              "them. Per-site and per-class reports with 95% intervals: `reports/<adapter>/` (their overlay PNGs show images "
+              "of the shared datasets, so they are not committed; `examples/build_zoo.py` writes them).", ""]
+    lines += [f"- {note}" for note in args.note] + ([""] if args.note else [])
+    # ---- pretrained vs random: the same recipe on the same architecture with random weights
+    from m4oe_adapters.adapter_file import read_header
+
+    pretrained = {e["modality"]: e["metrics"] for e in index["adapters"]}
+    random_metrics = {}
+    for path in sorted(p for folder in args.random for p in Path(folder).glob("*.safetensors")):
+        meta, _ = read_header(path)
+        random_metrics[meta["modality"]] = meta["metrics"]
+    comparison = [(name, pretrained[name], random_metrics[name]) for name in random_metrics if name in pretrained]
     if comparison:
         lines += ["## Does pretraining help?", "",
-                  "Same adapters, same data, same protocol and seed; only the backbone weights differ: the SimMIM "
-                  "reference backbone vs the same architecture with random weights (`--weights none`).", "",
-                  "| modality | in-domain Dice, pretrained | in-domain Dice, random | unseen-site Dice, pretrained | "
-                  "unseen-site Dice, random |", "|---|---|---|---|---|"]
-        for name, pretrained, random_result in comparison:
-            lines.append(f"| {name} | {fmt(pretrained['in_domain_dice'])} | {fmt(random_result['in_domain_dice'])} | "
-                         f"{fmt(pretrained['unseen_site_dice'])} | {fmt(random_result['unseen_site_dice'])} |")
-        lines += ["", "Random-backbone numbers: fundus and X-ray from the `experts`/all-labels rows of "
-                  "`examples/site_generalisation.sh none runs/sitegen_random`; the others from "
-                  "`python examples/build_zoo.py --weights none --zoo runs/zoo_random --only ...`.", ""]
+                  "Same adapter recipe, data, split and seed; only the backbone weights differ: the SimMIM reference "
+                  "backbone vs the same architecture with random weights (`--weights none`). Command: "
+                  "`python examples/build_zoo.py --weights none --zoo FOLDER --only NAMES` (here: "
+                  + ", ".join(f"`{folder}`" for folder in args.random) + ").", "",
+                  "| modality | in-domain Dice: pretrained | random | difference | unseen site | "
+                  "unseen-site Dice: pretrained | random | difference |", "|---|---|---|---|---|---|---|---|"]
+        for name, ours, theirs in comparison:
+            cells = []
+            for key in ("in_domain_test_dice", "unseen_site_dice"):
+                a, b = ours.get(key), theirs.get(key)
+                cells += [fmt(a), fmt(b), "n/a" if a is None or b is None else f"{(a - b) * 100:+.1f}"]
+            lines.append(f"| {name} | {' | '.join(cells[:3])} | {', '.join(ours.get('unseen_sites') or []) or '—'} "
+                         f"| {' | '.join(cells[3:])} |")
+        lines += ["", "At most 8 test images per site (Kvasir-SEG: 5), one seed: differences of a few points are "
+                  "within the noise (per-site 95% intervals in `reports/<adapter>/report.md`).", ""]
+        lines += [f"- {verdict}" for verdict in args.verdict] + ([""] if args.verdict else [])
+    if curve:
+        lines += ["## Pretraining curve", "", "![loss curve](backbone/loss_curve.png)", "",
+                  "| step | " + " | ".join(str(step) for step, _ in curve[:: max(1, len(curve) // 10)]) + " |",
+                  "|---|" + "---|" * len(curve[:: max(1, len(curve) // 10)]),
+                  "| mean loss | " + " | ".join(f"{loss:.3f}" for _, loss in curve[:: max(1, len(curve) // 10)])
+                  + " |", ""]
+    lines += ["---", "", "Written by `python examples/zoo_card.py" + "".join(
+        f" {shlex.quote(a)}" for a in sys.argv[1:]) + "` from `index.json`, the adapters' metadata and "
+        "`backbone/config.json`; no number on this page is typed by hand.", ""]
     (zoo / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def draw_curve(curve: list[list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3))
+    axis.plot([step for step, _ in curve], [loss for _, loss in curve])
+    axis.set_xlabel("step")
+    axis.set_ylabel("masked L1 (window mean)")
+    axis.set_title("SimMIM pretraining of the reference backbone")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
