@@ -66,19 +66,19 @@ def main() -> int:
         "",
         "## Adapters",
         "",
-        "Each adapter was trained with `examples/build_zoo.py`: experts + decoder only, frozen backbone, rank 8, 150 "
-        "steps of batch 4 at 224 px, seed 0, on the training site's development images (4 held out for validation), "
+        "Each adapter was trained with `examples/build_zoo.py`: experts + decoder only, frozen backbone, rank 8, "
+        "batch 4 at 224 px, the steps in the table, seed 0, on the training site's development images (4 held out for validation), "
         "scored on held-out images of the training site (in-domain; the dataset's own test split when it has one, "
         "else a seeded 30 %) and on every image of an unseen site where one exists (at most 8 test images each).",
         "",
-        "| adapter | labels | trained on | val Dice | in-domain test Dice | unseen site | unseen-site Dice | MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| adapter | labels | trained on | steps | val Dice | in-domain test Dice | unseen site | unseen-site Dice | MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in index["adapters"]:
         metrics, prov = entry["metrics"], entry["provenance"]
         lines.append(
             f"| `{entry['file']}` | {', '.join(entry['labels'][1:])} | {', '.join(prov.get('sites', []))} "
-            f"({prov.get('num_labelled_images')} images) | {fmt(metrics.get('val_dice'))} | "
+            f"({prov.get('num_labelled_images')} images) | {prov.get('steps')} | {fmt(metrics.get('val_dice'))} | "
             f"{fmt(metrics.get('in_domain_test_dice'))} | {', '.join(metrics.get('unseen_sites') or []) or '—'} | "
             f"{fmt(metrics.get('unseen_site_dice'))} | {entry['size_bytes'] / 1e6:.2f} |")
     lines += ["", "Dice in %, mean over test images of the foreground classes (MONAI `DiceMetric`). "
