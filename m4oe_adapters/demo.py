@@ -76,7 +76,7 @@ def run_demo(
     for entry in index["adapters"]:
         load_adapter(model, zoo / entry["file"])
     load_seconds = time.perf_counter() - load_started
-    samples = real_samples(data)
+    samples, root = real_samples(data)
     real = samples is not None
     lines = [
         "# m4oe demo",
@@ -85,7 +85,7 @@ def run_demo(
         f"({index['backbone'].get('description', '')}), fingerprint `{backbone.fingerprint()[:12]}`",
         f"- {len(model.modalities)} adapters loaded onto it in {load_seconds * 1000:.0f} ms: "
         + ", ".join(f"{name} ({info.num_classes} classes)" for name, info in model.modalities.items()),
-        f"- images: {'REAL images from ' + str(data) if real else 'SYNTHETIC images (no data folder found): Dice values below measure the mechanics, not medical accuracy'}",
+        f"- images: {'REAL images from ' + str(root) if real else 'SYNTHETIC images (no data folder found): Dice values below measure the mechanics, not medical accuracy'}",
         "",
     ]
     # ---- job 1: one mixed batch, each sample routed to its own modality's expert
@@ -114,8 +114,9 @@ def run_demo(
     return {"seconds": seconds, "real_data": real, "batch": batch_rows, "adaptation": adaptation}
 
 
-def real_samples(data: str | Path | None):
-    """Manifest samples when a data folder is there (``None`` otherwise: the demo goes synthetic)."""
+def real_samples(data: str | Path | None) -> tuple[list | None, Path]:
+    """``(manifest samples, data root)``; the samples are ``None`` when no data folder is there (the demo then goes
+    synthetic)."""
     from .commands.data_args import default_data_root
 
     root = Path(data) if data else default_data_root()
@@ -123,10 +124,10 @@ def real_samples(data: str | Path | None):
     if not manifest.is_file():
         if data:
             raise DataError(f"{manifest}: no manifest.csv in the --data folder")
-        return None
+        return None, root
     from .data import read_manifest
 
-    return read_manifest(manifest)
+    return read_manifest(manifest), root
 
 
 def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[str, Any]]:
@@ -141,8 +142,12 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
             synthetic, masks = synthetic_images(1, model.backbone.in_chans, size, seed)
             image, label, raw, path = torch.from_numpy(synthetic[0]), masks[0], synthetic[0], f"synthetic_{name}"
         else:
+            # The adapter's own training data, by dataset when its provenance names them (zoo names such as
+            # "CT-lung-infection" are finer than the manifest's modality column), else by modality.
             site = (info.provenance.get("sites") or [None])[0]
-            pool = [s for s in samples if s.modality == name and (site is None or s.site == site)]
+            datasets = set(info.provenance.get("datasets") or [])
+            pool = [s for s in samples if (s.dataset in datasets if datasets else s.modality == name)
+                    and (site is None or s.site == site)]
             if not pool:
                 continue
             # An image the adapter never trained on: the in-domain test split the zoo builder held out (same seed).
@@ -162,8 +167,6 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
         labels.append(label)
         names.append(name)
         raws.append((raw, path))
-        if len(names) == 4:
-            break
     with torch.no_grad():
         logits = model(torch.stack(images), names)
     for index, name in enumerate(names):
