@@ -95,10 +95,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         keys = ["image", "label"]
         steps: list = []
+        # "resize" is deterministic, so it runs once when an image enters the cache, not at every step (a 2828 x 2320
+        # X-ray resized 600 times made training several times slower); labels by nearest neighbour: no new class ids.
+        self._resize = (Resized(keys, spatial_size=size, mode=("bilinear", "nearest"))
+                        if size is not None and mode == "resize" else None)
         if size is not None:
-            if mode == "resize":  # labels by nearest neighbour: no new class ids at edges
-                steps.append(Resized(keys, spatial_size=size, mode=("bilinear", "nearest")))
-            else:
+            if mode != "resize":
                 steps.append(SpatialPadd(keys, spatial_size=size))
                 steps.append(RandSpatialCropd(keys, roi_size=size, random_size=False) if augment
                              else CenterSpatialCropd(keys, roi_size=size))
@@ -121,10 +123,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.transform.set_random_state(seed=seed)
 
     def preprocessed(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(image [C, H, W], mask [H, W])`` after the preset, at native resolution (cached)."""
+        """``(image [C, H, W], mask [H, W])`` after the preset (cached): native resolution, or the training size in
+        ``resize`` mode."""
         if index not in self._cache:
             image, mask, meta = load_pair(self.samples[index])
-            self._cache[index] = (normalise(image, meta, self.preset, self.in_channels), mask)
+            image = normalise(image, meta, self.preset, self.in_channels)
+            if self._resize is not None:
+                item = self._resize({"image": torch.from_numpy(image), "label": torch.from_numpy(mask[None].copy())})
+                image = np.asarray(item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"])
+                label = item["label"]
+                mask = np.asarray(label.as_tensor() if hasattr(label, "as_tensor") else label)[0].astype(mask.dtype)
+            self._cache[index] = (image, mask)
         return self._cache[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
