@@ -13,5 +13,9 @@ COMMON=(--data "$DATA" --modes experts,decoder,lora,full,scratch --shots 5,all -
         --max-test-images 8 --no-progress)
 m4oe eval "${ARCH[@]}" "${COMMON[@]}" --modality fundus --train-sites DRIVE --test-sites CHASE_DB1 \
   --resize crop --out "${OUT}_fundus" "$@"
-m4oe eval "${ARCH[@]}" "${COMMON[@]}" --modality xray --train-sites COVID-CXR-GeneralBlockchain \
-  --test-sites imlab-demo --resize resize --out "${OUT}_xray" "$@"
+m4oe eval "${ARCH[@]}" "${COMMON[@]}" --modality endoscopy --train-sites CVC-ClinicDB --test-sites Kvasir-SEG \
+  --resize resize --out "${OUT}_endoscopy" "$@"
+if [[ "${WITH_XRAY:-0}" == 1 ]]; then  # large images: slower (evaluation at native resolution)
+  m4oe eval "${ARCH[@]}" "${COMMON[@]}" --modality xray --train-sites COVID-CXR-GeneralBlockchain \
+    --test-sites imlab-demo --resize resize --out "${OUT}_xray" "$@"
+fi

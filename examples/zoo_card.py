@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,17 @@ def main() -> int:
     index = json.loads((zoo / "index.json").read_text())
     config = json.loads((zoo / "backbone" / "config.json").read_text())
     provenance = config["m4oe"]
-    curve = provenance.get("loss_curve") or []
+    curve, curve_note = provenance.get("loss_curve") or [], "the run that made these weights"
+    rerun = zoo / "backbone" / "loss_curve_rerun.json"
+    if not curve and rerun.is_file():  # weights made before `m4oe pretrain` stored its curve in config.json
+        record = json.loads(rerun.read_text())
+        curve = record["loss_curve"]
+        curve_note = (f"a re-run of the same command (`backbone/loss_curve_rerun.json`). {record['source']} Re-run: "
+                      f"loss {record['first_loss']:.3f} at step 1 → {record['final_loss_mean_last_50']:.3f} over the "
+                      f"last 50 steps, {record['seconds'] / 60:.0f} min on one thread beside other jobs.")
     if curve:
-        draw_curve(curve, zoo / "backbone" / "loss_curve.png")
+        draw_curve(curve, zoo / "backbone" / "loss_curve.png", "SimMIM, reference recipe" + (
+            " (re-run)" if rerun.is_file() and not provenance.get("loss_curve") else ""))
     import safetensors.torch
 
     parameters = sum(t.numel() for t in safetensors.torch.load_file(str(zoo / "backbone" / "model.safetensors")).values())
@@ -58,8 +64,8 @@ def main() -> int:
         + ", ".join(f"{name} {count}" for name, count in sorted(provenance["data"].items())) + ".",
         "- Command: `examples/pretrain_reference.sh` (killed after the step-2000 checkpoint, then "
         "`examples/pretrain_reference.sh --resume --steps 2000`)."
-        + (" Training curve (mean masked-L1 loss per window of steps) below and in `backbone/loss_curve.png`."
-           if curve else " The per-step log of this run was not kept; only the first and final losses above are."),
+        + (" Training curve below and in `backbone/loss_curve.png`." if curve else
+           " The per-step log of this run was not kept; only the first and final losses above are."),
         "- Licence notes: the backbone has seen images whose terms restrict redistribution (DRIVE explicitly; PH2 for "
         "research use; several others unstated — see each dataset's SOURCE.md). Treat these weights as research "
         "artefacts of those datasets: check every dataset's terms before publishing them outside this project.",
@@ -114,20 +120,20 @@ def main() -> int:
                   "within the noise (per-site 95% intervals in `reports/<adapter>/report.md`).", ""]
         lines += [f"- {verdict}" for verdict in args.verdict] + ([""] if args.verdict else [])
     if curve:
-        lines += ["## Pretraining curve", "", "![loss curve](backbone/loss_curve.png)", "",
-                  "| step | " + " | ".join(str(step) for step, _ in curve[:: max(1, len(curve) // 10)]) + " |",
-                  "|---|" + "---|" * len(curve[:: max(1, len(curve) // 10)]),
-                  "| mean loss | " + " | ".join(f"{loss:.3f}" for _, loss in curve[:: max(1, len(curve) // 10)])
-                  + " |", ""]
-    lines += ["---", "", "Written by `python examples/zoo_card.py" + "".join(
-        f" {shlex.quote(a)}" for a in sys.argv[1:]) + "` from `index.json`, the adapters' metadata and "
-        "`backbone/config.json`; no number on this page is typed by hand.", ""]
+        shown = curve[:: max(1, len(curve) // 10)]
+        shown = shown if shown[-1] == curve[-1] else [*shown, curve[-1]]
+        lines += ["## Pretraining curve", "", f"Mean masked-L1 loss per window of {curve[1][0] - curve[0][0]} steps, "
+                  f"from {curve_note}", "", "![loss curve](backbone/loss_curve.png)", "",
+                  "| step | " + " | ".join(str(step) for step, _ in shown) + " |", "|---|" + "---|" * len(shown),
+                  "| mean loss | " + " | ".join(f"{loss:.3f}" for _, loss in shown) + " |", ""]
+    lines += ["---", "", "Written by `examples/zoo_card.sh` (`examples/zoo_card.py`) from `index.json`, the adapters' "
+              "metadata and the files in `backbone/`.", ""]
     (zoo / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def draw_curve(curve: list[list[float]], path: Path) -> None:
+def draw_curve(curve: list[list[float]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +143,7 @@ def draw_curve(curve: list[list[float]], path: Path) -> None:
     axis.plot([step for step, _ in curve], [loss for _, loss in curve])
     axis.set_xlabel("step")
     axis.set_ylabel("masked L1 (window mean)")
-    axis.set_title("SimMIM pretraining of the reference backbone")
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
