@@ -425,7 +425,7 @@ def read_adapter(source: str | Path | bytes, name: str | None = None) -> tuple[d
     import safetensors.torch
 
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = safetensors.torch.load(data)  # safetensors' own parser of these bytes, not torch.load: no pickle
     except Exception as error:  # safetensors raises its own and Python errors for corrupt data: all mean corrupt
         raise _fail(path, f"corrupt tensor data ({type(error).__name__}: {str(error)[:200]})") from None
     if set(tensors) != set(header) or any(list(t.shape) != header[k]["shape"] for k, t in tensors.items()):
