@@ -20,6 +20,7 @@ from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig
 from .errors import DataError
 from .segmenters import ModalitySegmenter, build_segmenter
+from .signatures import signature_from_samples
 from .training import TrainConfig, TrainResult, train
 
 
@@ -156,6 +157,9 @@ def fit_modality(
         info = segmenter.model.modalities[modality]
         info.provenance = provenance
         info.metrics = {"val_dice": result.best_val_dice, "val_images": provenance["num_validation_images"]}
+        # The adapter learns to recognise its own images: training and validation images, never test images.
+        segmenter.model.set_signature(modality, signature_from_samples(list(train_samples) + list(val_samples),
+                                                                       seed=train_config.seed))
     if output is not None:
         fit.output = save_result(fit, modality, output, dtype=dtype)
     return fit

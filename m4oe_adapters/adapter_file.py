@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from .config import MODALITY_NAME, DecoderConfig, ExpertConfig
-from .errors import AdapterFormatError, BackboneMismatchError, ConfigError, M4oEError
+from .errors import AdapterError, AdapterFormatError, BackboneMismatchError, ConfigError, M4oEError
 from .model import DECODER_PREFIX, EXPERT_PREFIX, ModalityInfo, SegmentationModel
 from .presets import validate_preset
+from .signatures import CALIBRATION_POINTS, SIGNATURE_PREFIX, SIGNATURE_TENSORS, ImageSignature
 
 FORMAT = "m4oe-adapter"
 FORMAT_VERSION = 1
@@ -43,6 +44,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
 SAFETENSORS_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_METADATA_DEPTH = 32
+SIGNATURE_NAMES = tuple(f"{SIGNATURE_PREFIX}{name}" for name in SIGNATURE_TENSORS)
 
 
 # ------------------------------------------------------------------------------------------------- atomic write
@@ -126,7 +128,7 @@ def build_metadata(model: SegmentationModel, modality: str, dtype: str) -> dict[
         | info.provenance,
         "metrics": info.metrics,
         "dtype": dtype,
-    }
+    } | ({"routing": model.signatures[modality].metadata()} if modality in model.signatures else {})
 
 
 def _fail(path: str | Path, problem: str) -> AdapterFormatError:
@@ -289,6 +291,19 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         _require(isinstance(metadata.get(key, {}), dict), path, f"{key} must be an object")
     dtype = metadata.get("dtype")
     _require(isinstance(dtype, str) and dtype in DTYPES, path, f"dtype must be one of {sorted(DTYPES)}")
+    routing = metadata.get("routing")
+    if routing is not None:
+        _require(isinstance(routing, dict), path, "routing must be an object")
+        _require(_printable(routing.get("feature"), 64), path, "routing.feature must be a short printable string")
+        confidence = routing.get("min_confidence")
+        _require(_is_number(confidence) and 0 <= confidence <= 1, path, "routing.min_confidence must be in [0, 1]")
+        for key in ("images", "views"):
+            _require(_is_int(routing.get(key)) and 0 <= routing[key] <= 10**9, path, f"routing.{key} must be a count")
+        hashes = routing.get("image_hashes", [])
+        _require(
+            isinstance(hashes, list) and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{1,64}", h) for h in hashes),
+            path, "routing.image_hashes must be a list of hexadecimal strings",
+        )
     return metadata
 
 
@@ -357,9 +372,9 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
     spans = []
     for tensor_name, entry in header.items():
         _require(
-            tensor_name.startswith((EXPERT_PREFIX, DECODER_PREFIX)),
+            tensor_name.startswith((EXPERT_PREFIX, DECODER_PREFIX)) or tensor_name in SIGNATURE_NAMES,
             path,
-            f"unexpected tensor {_shown(tensor_name)} (expected experts.* or decoder.*)",
+            f"unexpected tensor {_shown(tensor_name)} (expected experts.*, decoder.* or {', '.join(SIGNATURE_NAMES)})",
         )
         _require(isinstance(entry, dict), path, f"tensor {_shown(tensor_name)}: bad header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -457,9 +472,32 @@ def save_adapter(
         key: tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
         for key, tensor in model.modality_tensors(modality).items()
     }
+    if modality in model.signatures:
+        tensors |= {key: tensor.to(DTYPES[dtype]) for key, tensor in model.signatures[modality].tensors().items()}
     metadata = build_metadata(model, modality, dtype)
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "m4oe": json.dumps(metadata)}
     return atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=header))
+
+
+def sign_adapter(path: str | Path, signature: ImageSignature, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a copy of adapter ``path`` with ``signature`` as its routing signature (replacing any old one).
+
+    Every other tensor and metadata field is copied unchanged (same bytes), so the experts, decoder and backbone
+    binding stay identical. ``output`` may be ``path`` itself only with ``overwrite=True``; an existing ``output``
+    is never replaced without it.
+    """
+    import safetensors.torch
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise AdapterError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    metadata, tensors = read_adapter(path)
+    dtype = DTYPES[metadata["dtype"]]
+    tensors = {key: tensor for key, tensor in tensors.items() if not key.startswith(SIGNATURE_PREFIX)}
+    tensors |= {key: tensor.to(dtype) for key, tensor in signature.tensors().items()}
+    metadata["routing"] = signature.metadata()
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "m4oe": json.dumps(metadata)}
+    return atomic_write(output, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=header))
 
 
 def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors, path, force: bool = False) -> None:
@@ -500,8 +538,10 @@ def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors
             f"{path}: adapter layer set differs from the model's ({len(theirs_layers)} vs {len(ours_layers)} layers; "
             f"only in the file: {only_theirs}, only in the model: {only_ours}); the target pattern or backbone differ"
         )
+    signature_keys = {key for key in tensors if key.startswith(SIGNATURE_PREFIX)}
+    check_signature(metadata, tensors, signature_keys, path)
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(tensors) - set(expected) - signature_keys)
     if missing or extra:
         raise BackboneMismatchError(f"{path}: tensors missing {missing[:3]} / unexpected {extra[:3]}")
     for key, shape in expected.items():
@@ -509,6 +549,38 @@ def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors
             raise BackboneMismatchError(
                 f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this backbone needs {shape}"
             )
+
+
+def check_signature(metadata: dict[str, Any], tensors, signature_keys: set[str], path) -> None:
+    """A routing signature is all or nothing: metadata and the three tensors, with the shapes of this version's
+    descriptor (a signature of another descriptor version is refused: re-sign the adapter with ``m4oe sign``)."""
+    from .signatures import FEATURE_VERSION, descriptor_size
+
+    routing = metadata.get("routing")
+    if routing is None and not signature_keys:
+        return
+    if routing is None or signature_keys != set(SIGNATURE_NAMES):
+        raise AdapterFormatError(f"{path}: incomplete routing signature (metadata and tensors {SIGNATURE_NAMES} "
+                                 "must all be present); re-sign the adapter with `m4oe sign`")
+    if routing["feature"] != FEATURE_VERSION:
+        raise AdapterFormatError(f"{path}: routing signature of descriptor {routing['feature']!r}; this version "
+                                 f"reads {FEATURE_VERSION!r}: re-sign the adapter with `m4oe sign`")
+    size = descriptor_size()
+    components = tensors[f"{SIGNATURE_PREFIX}components"].shape
+    if len(components) != 2 or not 1 <= components[0] <= 64:
+        raise AdapterFormatError(f"{path}: signature.components has shape {tuple(components)}, expected [k, {size}]")
+    shapes = {"mean": (size,), "components": (components[0], size), "eigenvalues": (components[0],),
+              "residual": (size,), "calibration": (CALIBRATION_POINTS,)}
+    for name, shape in shapes.items():
+        tensor = tensors[f"{SIGNATURE_PREFIX}{name}"]
+        if tuple(tensor.shape) != shape:
+            raise AdapterFormatError(f"{path}: signature.{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    for name in ("eigenvalues", "residual"):
+        if not bool((tensors[f"{SIGNATURE_PREFIX}{name}"].float() > 0).all()):
+            raise AdapterFormatError(f"{path}: signature.{name} must be positive; re-sign the adapter")
+    calibration = tensors[f"{SIGNATURE_PREFIX}calibration"].float()
+    if not bool((calibration[1:] >= calibration[:-1]).all()) or float(calibration[0]) < 0:
+        raise AdapterFormatError(f"{path}: signature.calibration must be non-negative and sorted; re-sign the adapter")
 
 
 def load_adapter(
@@ -528,13 +600,14 @@ def load_adapter(
     path = _source_name(path, name)
     check_compatible(model, metadata, tensors, path, force=force)
     name = metadata["modality"]
-    active = model.active_modality
+    active, chosen = model.active_modality, model._modality_chosen
     previous = None
     if name in model.modalities:
         if not replace:
             raise ConfigError(f"{path}: modality {name!r} is already loaded; pass replace=True to swap it")
         # Kept until the new one is in place, so even a failure after this point leaves the model as it was.
-        previous = (model.modalities[name], {k: t.detach().clone() for k, t in model.modality_tensors(name).items()})
+        previous = (model.modalities[name], {k: t.detach().clone() for k, t in model.modality_tensors(name).items()},
+                    model.signatures.get(name))
         model.remove_modality(name)
     try:
         info = model.add_modality(
@@ -551,14 +624,17 @@ def load_adapter(
             raise
     except BaseException:
         if previous is not None:
-            old_info, old_tensors = previous
+            old_info, old_tensors, old_signature = previous
             model.add_modality(name, old_info.num_classes, old_info.label_names)
             model.set_modality_tensors(name, old_tensors)
             model.modalities[name] = old_info
-            model.active_modality = active
+            model.set_signature(name, old_signature)
+            model.active_modality, model._modality_chosen = active, chosen
         raise
     if active is not None:
-        model.active_modality = active  # replacing the active modality keeps it active
+        model.active_modality, model._modality_chosen = active, chosen  # replacing the active one keeps it active
+    if "routing" in metadata:
+        model.set_signature(name, ImageSignature.from_file(metadata["routing"], tensors))
     info.provenance = dict(metadata.get("provenance", {}))
     info.metrics = dict(metadata.get("metrics", {}))
     return info
@@ -567,6 +643,7 @@ def load_adapter(
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """Metadata, tensor count, parameter count and size of an adapter file (validated, no model needed)."""
     metadata, tensors = read_adapter(path)
+    signature = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(SIGNATURE_PREFIX))
     experts = sum(t.numel() for k, t in tensors.items() if k.startswith(EXPERT_PREFIX))
     decoder = sum(t.numel() for k, t in tensors.items() if k.startswith(DECODER_PREFIX))
     return {
@@ -577,6 +654,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "expert_parameters": experts,
         "decoder_parameters": decoder,
         "expert_layers": len({k.rsplit(".", 1)[0] for k in tensors if k.startswith(EXPERT_PREFIX)}),
+        "routing_signature_bytes": signature,
         "metadata": metadata,
     }
 

@@ -39,3 +39,15 @@ class DataError(M4oEError):
 def describe(path: str | Path | None) -> str:
     """A path as it appears in error messages ("<memory>" when there is none)."""
     return "<memory>" if path is None else str(path)
+
+
+class UnknownImageError(DataError):
+    """An image fits none of the loaded adapters (image-level routing refused it).
+
+    Attributes:
+        decisions: the :class:`~m4oe_adapters.routing.RoutingDecision` of every image of the call.
+    """
+
+    def __init__(self, message: str, decisions=None) -> None:
+        super().__init__(message)
+        self.decisions = decisions or []

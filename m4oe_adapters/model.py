@@ -16,10 +16,11 @@ import torch.nn as nn
 from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig, check_modality_name
 from .decoder import ModalityDecoder
-from .errors import ConfigError
+from .errors import ConfigError, UnknownImageError
 from .experts import ModalityExpertLinear
 from .injection import inject_experts
-from .routing import RoutingState
+from .routing import RoutingDecision, RoutingState, route_images
+from .signatures import ImageSignature, image_descriptors, routing_thumbnails
 
 EXPERT_PREFIX = "experts."
 DECODER_PREFIX = "decoder."
@@ -85,7 +86,10 @@ class SegmentationModel(nn.Module):
             layer.routing = self.routing
         self.decoders = nn.ModuleDict()
         self.modalities: dict[str, ModalityInfo] = {}
+        # Image-level routing: each modality's recogniser of its own images (see signatures.py), when it has one.
+        self.signatures: dict[str, ImageSignature] = {}
         self.active_modality: str | None = None
+        self._modality_chosen = False  # set_modality()/merge() name the default; otherwise images are routed
         self.merged_modality: str | None = None
 
     # ------------------------------------------------------------------------------------------- modalities
@@ -142,13 +146,47 @@ class SegmentationModel(nn.Module):
             layer.remove_expert(name)
         del self.decoders[name]
         del self.modalities[name]
+        self.signatures.pop(name, None)
         if self.active_modality == name:
             self.active_modality = next(iter(self.modalities), None)
+            self._modality_chosen = False
 
     def set_modality(self, name: str) -> None:
-        """Make ``name`` the default modality of :meth:`forward` (no tensor is loaded or copied)."""
+        """Make ``name`` the default modality of :meth:`forward` (no tensor is loaded or copied): ``model(images)``
+        then segments every image with it instead of routing."""
         self._require(name)
         self.active_modality = name
+        self._modality_chosen = True
+
+    def set_signature(self, name: str, signature: ImageSignature | None) -> None:
+        """Attach (or with ``None`` drop) the image signature that lets :meth:`route` send images to ``name``."""
+        self._require(name)
+        if signature is None:
+            self.signatures.pop(name, None)
+        else:
+            self.signatures[name] = signature
+
+    # ------------------------------------------------------------------------------------------ image routing
+    @torch.no_grad()
+    def route(self, images, min_confidence: float | None = None) -> list[RoutingDecision]:
+        """Which loaded adapter each image belongs to, with a confidence; ``modality=None`` when none fits.
+
+        Args:
+            images: ``[B, C, H, W]`` (any size, any intensity scale: raw pixels or preset-normalised), or a list of
+                ``[C, H, W]`` arrays of different sizes.
+            min_confidence: acceptance threshold in [0, 1] (default: each adapter's stored one).
+
+        Only adapters with a signature take part. Costs one 160-px thumbnail per image, no backbone pass.
+        """
+        candidates = {name: self.signatures[name] for name in self.modalities if name in self.signatures}
+        if not candidates:
+            loaded = ", ".join(self.modalities) or "none"
+            raise ConfigError(
+                f"none of the loaded adapters ({loaded}) has a routing signature: give the modality, or add one "
+                "with `m4oe sign ADAPTER --data ...` (adapters trained by m4oe train get one automatically)"
+            )
+        descriptors = image_descriptors(routing_thumbnails(images))
+        return route_images(candidates, descriptors, min_confidence)
 
     def _require(self, name: str) -> None:
         if name not in self.modalities:
@@ -226,20 +264,26 @@ class SegmentationModel(nn.Module):
 
         Args:
             images: ``[B, C, H, W]``, preprocessed with each modality's preset; ``H, W`` multiples of 32.
-            modality: one name for the whole batch, one name per sample (mixed batch), or ``None`` for the active
-                modality (hard routing) or, with soft routing, the modality the gate prefers for each sample.
+            modality: one name for the whole batch, one name per sample (mixed batch), ``"auto"`` to route each
+                image to its adapter (:meth:`route`; still one backbone pass for the batch), or ``None``: the
+                modality chosen with :meth:`set_modality`, else the only loaded one, else routing as ``"auto"``
+                (with soft routing, ``None`` lets the token gate mix every expert).
             routing: ``"hard"`` or ``"soft"`` (default: the model's ``expert_config.routing``).
             top_k: soft routing: experts kept per token (default: the config's).
 
         Returns:
             logits ``[B, K, H, W]`` where ``K`` is the largest class count in the batch; classes a sample's modality
             does not have are ``-inf`` (so softmax gives them 0 and argmax never picks them).
+
+        Raises:
+            UnknownImageError: routing found no adapter for some image (``error.decisions`` has every image's
+                decision; call :meth:`route` first to segment only the known ones).
         """
         mode = routing or self.expert_config.routing
         if mode not in ("hard", "soft"):
             raise ConfigError(f"routing must be 'hard' or 'soft', got {mode!r}")
         batch = images.shape[0]
-        per_sample = self._per_sample_modalities(modality, batch, mode)
+        per_sample = self._per_sample_modalities(modality, batch, mode, images)
         if per_sample is None:  # soft routing, modality unknown: let the gate decide
             features = self._soft_features(images, None, top_k, record=True)
             per_sample = self._modalities_from_gates()
@@ -249,19 +293,33 @@ class SegmentationModel(nn.Module):
             features = self._hard_features(images, per_sample)
         return self._decode(features, images, per_sample)
 
-    def _per_sample_modalities(self, modality, batch: int, mode: str) -> list[str] | None:
+    def _per_sample_modalities(self, modality, batch: int, mode: str, images: torch.Tensor | None = None
+                               ) -> list[str] | None:
         if modality is None:
             if mode == "soft":
                 return None
             if self.active_modality is None:
                 raise ConfigError("no modality is loaded; add_modality() or load_adapter() first")
-            modality = self.active_modality
+            routable = len(self.modalities) > 1 and any(name in self.signatures for name in self.modalities)
+            modality = "auto" if routable and not self._modality_chosen else self.active_modality
+        if modality == "auto" and "auto" not in self.modalities:
+            return self._routed_modalities(images)
         names = [modality] * batch if isinstance(modality, str) else list(modality)
         if len(names) != batch:
             raise ConfigError(f"{len(names)} modalities given for a batch of {batch} images")
         for name in dict.fromkeys(names):
             self._require(name)
         return names
+
+    def _routed_modalities(self, images: torch.Tensor) -> list[str]:
+        decisions = self.route(images)
+        unknown = [index for index, decision in enumerate(decisions) if decision.unknown]
+        if unknown:
+            raise UnknownImageError(
+                f"{len(unknown)} of {len(decisions)} images fit no loaded adapter (indices {unknown[:8]}; best "
+                f"confidence {max(decisions[i].confidence for i in unknown):.2g}); segment them with an explicit "
+                "modality or load their adapter", decisions)
+        return [decision.modality for decision in decisions]
 
     def _hard_features(self, images: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         distinct = tuple(dict.fromkeys(names))
@@ -358,6 +416,7 @@ class SegmentationModel(nn.Module):
             layer.merge(name)
         self.merged_modality = name
         self.active_modality = name
+        self._modality_chosen = True
 
     def unmerge(self) -> None:
         """Restore the exact backbone bytes (the fingerprint matches again)."""

@@ -1,11 +1,18 @@
 """Prediction on files: an image, a volume or a folder in; masks out in the same geometry (PNG of the same size for
 2D images, DICOM slices included; NIfTI with the same affine for NIfTI and NRRD volumes), plus optional overlays.
 
-Each input is routed to its own adapter: by ``modality`` if given, else by the DICOM ``Modality`` tag (CT, MR...)
-matched to a loaded modality, else the only loaded modality.
+Each input goes to its own adapter: ``modality`` if given; else a DICOM ``Modality`` tag that names a loaded modality;
+else the only loaded adapter; else image-level routing (:meth:`SegmentationModel.route`: every format, no tag
+needed). An input that fits no loaded adapter is reported *unknown* and gets no mask. Every decision is written to
+``predictions.csv`` (input, status, modality, how it was chosen, confidence, output file).
+
+Outputs never collide (two inputs that would share a mask name get their suffix in it: ``a_tif_mask.png``,
+``a_png_mask.png``) and an existing file is never replaced unless ``overwrite=True``: the run refuses before
+segmenting anything.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, M4oEError
+from .errors import ConfigError, DataError, M4oEError
 from .evaluation import predict_mask
 from .model import SegmentationModel
 
@@ -23,6 +30,9 @@ DICOM_MODALITY = {"CT": "CT", "MR": "MRI", "CR": "xray", "DX": "xray", "US": "ul
                   "ES": "endoscopy", "OP": "fundus", "SM": "microscopy"}
 
 
+DECISIONS_CSV = "predictions.csv"
+
+
 @dataclass
 class PredictionResult:
     source: Path
@@ -30,6 +40,9 @@ class PredictionResult:
     modality: str | None
     error: str | None = None
     overlay: Path | None = None
+    chosen_by: str = ""  # "given", "dicom tag", "only adapter", "router"
+    confidence: float | None = None
+    unknown: bool = False
 
 
 def suffix_of(path: Path) -> str:
@@ -51,22 +64,28 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def choose_modality(model: SegmentationModel, requested: str | None, meta: dict) -> str:
+def choose_modality(model: SegmentationModel, requested: str | None, meta: dict, raw: np.ndarray | None = None,
+                    min_confidence: float | None = None) -> tuple[str | None, str, float | None]:
+    """``(modality or None for unknown, how it was chosen, routing confidence)`` for one raw ``[C, H, W]`` image."""
     if requested:
         model._require(requested)
-        return requested
+        return requested, "given", None
     tag = meta.get("dicom_modality") or meta.get("modality")
     if tag:
         wanted = DICOM_MODALITY.get(str(tag).upper(), str(tag))
         for name in model.modalities:
             if name.lower() == wanted.lower():
-                return name
+                return name, "dicom tag", None
     if len(model.modalities) == 1:
-        return next(iter(model.modalities))
-    raise DataError(
-        f"cannot tell the modality of {meta.get('source', 'this image')} (DICOM tag {tag!r}); "
-        f"pass --modality, one of {list(model.modalities)}"
-    )
+        return next(iter(model.modalities)), "only adapter", None
+    if raw is None or not model.signatures:
+        raise DataError(
+            f"cannot tell the modality of {meta.get('source', 'this image')}: no loaded adapter has a routing "
+            f"signature (add one with `m4oe sign`) and no DICOM tag names one; pass --modality, one of "
+            f"{list(model.modalities)}"
+        )
+    decision = model.route([raw], min_confidence)[0]
+    return decision.modality, "router", decision.confidence
 
 
 def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None) -> np.ndarray:
@@ -81,13 +100,42 @@ def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta
     return predict_mask(lambda x: model(x, modality), image, info.input_size, resize_mode).numpy()
 
 
-def output_path(source: Path, out_dir: Path, root: Path | None) -> Path:
+def output_path(source: Path, out_dir: Path, root: Path | None, keep_suffix: bool = False) -> Path:
     relative = source.relative_to(root) if root and source.is_relative_to(root) else Path(source.name)
     suffix = suffix_of(source)
     stem = relative.name[: -len(suffix)] if suffix else relative.name
+    if keep_suffix and suffix:
+        stem = f"{stem}_{suffix.lstrip('.').replace('.', '_')}"
     if suffix in VOLUME_SUFFIXES:  # NRRD volumes get a NIfTI mask with the same affine
         return out_dir / relative.parent / f"{stem}_mask.nii.gz"
     return out_dir / relative.parent / f"{stem}_mask.png"
+
+
+def plan_outputs(files: Sequence[Path], roots: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
+    """Each input's mask path; inputs that would share one (``a.tif`` and ``a.png``) keep their suffix in it."""
+    def root_of(source: Path) -> Path | None:
+        return next((r for r in roots if source.is_relative_to(r)), None)
+
+    plain = {source: output_path(source, out_dir, root_of(source)) for source in files}
+    counts: dict[Path, int] = {}
+    for target in plain.values():
+        counts[target] = counts.get(target, 0) + 1
+    plan = {source: output_path(source, out_dir, root_of(source), keep_suffix=counts[target] > 1)
+            for source, target in plain.items()}
+    if len(set(plan.values())) != len(plan):  # e.g. "a.tif" beside a file literally named "a_tif.png"
+        seen: dict[Path, Path] = {}
+        for source, target in plan.items():
+            if target in seen:
+                raise DataError(f"{source} and {seen[target]} would both be written to {target}; rename one")
+            seen[target] = source
+    return plan
+
+
+def mask_dtype(mask: np.ndarray) -> type:
+    """uint8 masks up to class 255, uint16 beyond (never a silent wrap-around)."""
+    if mask.size and int(mask.max()) > 65535:
+        raise DataError(f"a mask holds class {int(mask.max())}; masks are written with at most 65536 classes")
+    return np.uint8 if not mask.size or int(mask.max()) <= 255 else np.uint16
 
 
 def predict_files(
@@ -98,38 +146,89 @@ def predict_files(
     modality: str | None = None,
     overlays: bool = False,
     slice_axis: int = 2,
+    min_confidence: float | None = None,
+    overwrite: bool = False,
 ) -> list[PredictionResult]:
-    """Segment every input; a bad file is reported in its result and the run goes on."""
+    """Segment every input; a bad or unknown file is reported in its result (and ``predictions.csv``) and the run
+    goes on.
+
+    Raises:
+        ConfigError: an output file (a mask, an overlay or ``predictions.csv``) already exists and ``overwrite``
+            is false; nothing has been written then.
+    """
     from .data import read_image, read_volume, write_mask
     from .reporting import overlay_png
 
     out = Path(out_dir)
     files = collect_inputs(inputs)
     roots = [Path(p) for p in inputs if Path(p).is_dir()]
+    plan = plan_outputs(files, roots, out)
+    planned = list(plan.values()) + [out / DECISIONS_CSV]
+    if overlays:
+        planned += [target.with_name(target.stem + "_overlay.png") for target in plan.values()]
+    existing = [path for path in planned if path.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{len(existing)} output file(s) already exist in {out} (first: {existing[0]}); choose another --out "
+            "or pass --overwrite to replace them"
+        )
     results = []
     for source in files:
-        root = next((r for r in roots if source.is_relative_to(r)), None)
-        target = output_path(source, out, root)
+        target = plan[source]
         try:
             if suffix_of(source) in VOLUME_SUFFIXES:
                 volume, affine = read_volume(source)
-                chosen = choose_modality(model, modality, {"source": source})
                 slices = np.moveaxis(np.asarray(volume, dtype=np.float32), slice_axis, 0)
+                middle = slices[len(slices) // 2][None]
+                chosen, how, confidence = choose_modality(model, modality, {"source": source}, middle, min_confidence)
+                if chosen is None:
+                    results.append(_unknown(source, confidence))
+                    continue
                 meta = {"dtype": str(volume.dtype)}
                 masks = [predict_array(model, slice_[None], chosen, meta) for slice_ in slices]
-                mask = np.moveaxis(np.stack(masks), 0, slice_axis).astype(np.uint8)
-                write_mask(mask, target, affine=affine)
-                results.append(PredictionResult(source, target, chosen))
+                mask = np.moveaxis(np.stack(masks), 0, slice_axis)
+                write_mask(mask.astype(mask_dtype(mask)), target, affine=affine)
+                results.append(PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence))
                 continue
             record = read_image(source)
-            chosen = choose_modality(model, modality, {**record.meta, "source": source})
+            chosen, how, confidence = choose_modality(model, modality, {**record.meta, "source": source},
+                                                      record.array, min_confidence)
+            if chosen is None:
+                results.append(_unknown(source, confidence))
+                continue
             mask = predict_array(model, record.array, chosen, record.meta)
-            write_mask(mask.astype(np.uint8), target)
-            result = PredictionResult(source, target, chosen)
+            write_mask(mask.astype(mask_dtype(mask)), target)
+            result = PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence)
             if overlays:
                 result.overlay = overlay_png(record.array, mask, None, target.with_name(target.stem + "_overlay.png"),
                                              title=f"{source.name} [{chosen}]")
             results.append(result)
         except M4oEError as error:
             results.append(PredictionResult(source, None, modality, error=str(error)))
+    write_decisions(results, out / DECISIONS_CSV)
     return results
+
+
+def _unknown(source: Path, confidence: float | None) -> PredictionResult:
+    return PredictionResult(
+        source, None, None, chosen_by="router", confidence=confidence, unknown=True,
+        error=f"unknown: fits no loaded adapter (best confidence {confidence:.2g}); pass --modality to force one, "
+              "or lower --min-confidence",
+    )
+
+
+def write_decisions(results: Sequence[PredictionResult], path: Path) -> Path:
+    """``predictions.csv``: one row per input (input, status, modality, chosen_by, confidence, output, message)."""
+    from .adapter_file import atomic_write
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["input", "status", "modality", "chosen_by", "confidence", "output", "message"])
+            for r in results:
+                status = "unknown" if r.unknown else ("error" if r.error else "segmented")
+                writer.writerow([r.source, status, r.modality or "", r.chosen_by,
+                                 "" if r.confidence is None else f"{r.confidence:.6g}", r.output or "",
+                                 r.error or ""])
+
+    return atomic_write(path, write)

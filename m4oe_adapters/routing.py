@@ -1,4 +1,13 @@
-"""Where routing happens: which expert(s) each token of each sample goes through.
+"""Where routing happens: which adapter each image goes to, and which expert(s) each token goes through.
+
+**Image-level routing** (:func:`route_images`, used by ``SegmentationModel.route`` and by ``model(images)`` when no
+modality is given): each loaded adapter's :class:`~m4oe_adapters.signatures.ImageSignature` scores every image on its
+own; the image goes to the adapter with the lowest *relative* score (score over that adapter's median held-out
+calibration score), and is **unknown** when that adapter's confidence is under the threshold (its stored
+``min_confidence``, or the caller's). An adapter's scores depend only on its own signature, so loading or removing
+another adapter can change which adapter wins but never another adapter's scores.
+
+**Token-level routing** inside the backbone:
 
 A :class:`RoutingState` is shared by every expert layer of one model. The model fills it before a forward pass
 (``SegmentationModel.forward``) and every :class:`~m4oe_adapters.experts.ModalityExpertLinear` reads it, so the
@@ -17,6 +26,7 @@ Two modes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +134,57 @@ def load_balancing_loss(logits: torch.Tensor, top_k: int | None) -> torch.Tensor
     dispatch = torch.zeros_like(probabilities).scatter(-1, chosen, 1.0)
     fraction = dispatch.mean(dim=0) / (top_k or 1)
     return num_experts * (fraction.detach() * probabilities.mean(dim=0)).sum()
+
+
+# ------------------------------------------------------------------------------------------ image-level routing
+@dataclass
+class RoutingDecision:
+    """Where one image goes.
+
+    Attributes:
+        modality: the chosen adapter's modality, or ``None`` when the image fits no loaded adapter (unknown).
+        confidence: the chosen (or, when unknown, the best-fitting) adapter's confidence in [0, 1]: the fraction
+            of its own held-out calibration images that fit it worse than this image.
+        scores: every scored adapter's confidence, by modality.
+        nearest: the best-fitting adapter even when unknown (what it would have been sent to).
+    """
+
+    modality: str | None
+    confidence: float
+    scores: dict[str, float]
+    nearest: str | None = None
+
+    @property
+    def unknown(self) -> bool:
+        return self.modality is None
+
+
+def route_images(signatures: Mapping, descriptors: torch.Tensor, min_confidence: float | None = None
+                 ) -> list[RoutingDecision]:
+    """Decide each image's adapter.
+
+    Args:
+        signatures: modality → :class:`~m4oe_adapters.signatures.ImageSignature` of every candidate adapter.
+        descriptors: ``[B, D]`` from :func:`~m4oe_adapters.signatures.image_descriptors`.
+        min_confidence: accept an image only when the chosen adapter's confidence is at least this (default: each
+            adapter's stored threshold).
+
+    Returns: one :class:`RoutingDecision` per image.
+    """
+    if not signatures:
+        raise ConfigError("no loaded adapter has a routing signature; fit one (m4oe sign) or give the modality")
+    names = list(signatures)
+    scores = torch.stack([signatures[name].score(descriptors) for name in names], 1)  # [B, E]
+    relative = torch.stack([signatures[name].relative_score(scores[:, i]) for i, name in enumerate(names)], 1)
+    confidence = torch.stack([signatures[name].confidence(scores[:, i]) for i, name in enumerate(names)], 1)
+    decisions = []
+    for row in range(descriptors.shape[0]):
+        best = int(relative[row].argmin())
+        name = names[best]
+        threshold = signatures[name].min_confidence if min_confidence is None else float(min_confidence)
+        value = float(confidence[row, best])
+        decisions.append(RoutingDecision(
+            name if value >= threshold else None, value,
+            {n: float(confidence[row, i]) for i, n in enumerate(names)}, name,
+        ))
+    return decisions

@@ -92,7 +92,7 @@ def test_predict_skips_and_reports_a_broken_file(adapter, sites, tmp_path, capsy
     Image.open(next((sites / "B" / "images").iterdir())).save(folder / "good.png")
     assert main(["predict", str(folder), "--adapter", str(adapter), *TINY, "--out", str(tmp_path / "o")]) == 0
     captured = capsys.readouterr()
-    assert "SKIPPED" in captured.err and "broken.png" in captured.err and "1 segmented, 1 skipped" in captured.out
+    assert "SKIPPED" in captured.err and "broken.png" in captured.err and "1 segmented, 0 unknown, 1 skipped" in captured.out
 
 
 def test_eval_reports_dice_per_site_well_above_trivial(adapter, sites, tmp_path):

@@ -1,0 +1,90 @@
+"""``m4oe eval-routing``: confusion, top-1, false rejection and leave-one-adapter-out unknown detection of
+image-level routing on held-out images; optionally Dice of routed vs true-modality segmentation."""
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval-routing", help="how well images find their adapter (confusion, unknown detection, Dice)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Route held-out images of a manifest among the given adapters. Each manifest dataset belongs "
+                    "to the adapter whose provenance lists it (add more with --map DATASET=MODALITY); datasets no "
+                    "adapter claims are 'no adapter' images that should come out unknown. Images a signature "
+                    "was fitted on are skipped.",
+    )
+    parser.add_argument("--adapter", action="append", default=[], help="adapter file (repeat)")
+    parser.add_argument("--zoo", default=None, help="a zoo folder: every adapter in its index.json")
+    parser.add_argument("--data", default=None, help="manifest CSV or folder (default: $M4OE_DATA or ../shared/data)")
+    parser.add_argument("--map", action="append", default=[], metavar="DATASET=MODALITY",
+                        help="the images of DATASET belong to adapter MODALITY (repeat)")
+    parser.add_argument("--max-per-dataset", type=int, default=200, help="held-out images scored per dataset")
+    parser.add_argument("--synthetic-unknowns", type=int, default=20,
+                        help="noise, blank, ramp and checkerboard images added as 'no adapter' images")
+    parser.add_argument("--min-confidence", type=float, default=None,
+                        help="acceptance threshold (default: each adapter's stored one)")
+    parser.add_argument("--dice", type=int, default=0, metavar="N",
+                        help="also segment N held-out images per adapter routed and with the true modality "
+                             "(needs --weights) and compare Dice")
+    parser.add_argument("--weights", default=None, help="backbone weights for --dice (default: the zoo's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..adapter_file import read_adapter
+    from ..data import read_manifest
+    from ..errors import ConfigError
+    from ..routing_eval import RoutedImage, describe_samples, evaluate_routing, synthetic_unknowns, write_routing_report
+    from ..signatures import ImageSignature, image_descriptors, routing_thumbnails
+    from .data_args import default_data_root
+
+    paths = [Path(p) for p in args.adapter]
+    weights = args.weights
+    if args.zoo:
+        index = json.loads((Path(args.zoo) / "index.json").read_text())
+        paths += [Path(args.zoo) / entry["file"] for entry in index["adapters"]]
+        weights = weights or str(Path(args.zoo) / index["backbone"]["path"])
+    if not paths:
+        raise ConfigError("give adapters with --adapter or --zoo")
+    signatures, expected, files = {}, {}, {}
+    for path in paths:
+        metadata, tensors = read_adapter(path)
+        name = metadata["modality"]
+        if "routing" not in metadata:
+            raise ConfigError(f"{path}: no routing signature; add one with `m4oe sign`")
+        signatures[name] = ImageSignature.from_file(metadata["routing"], tensors)
+        files[name] = path
+        for dataset in metadata.get("provenance", {}).get("datasets", []):
+            expected[dataset] = name
+    for item in args.map:
+        dataset, _, name = item.partition("=")
+        if name not in signatures:
+            raise ConfigError(f"--map {item}: no loaded adapter {name!r} (loaded: {', '.join(signatures)})")
+        expected[dataset] = name
+    root = Path(args.data) if args.data else default_data_root()
+    samples = read_manifest(root / "manifest.csv" if root.is_dir() else root)
+    images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed)
+    for source, array in synthetic_unknowns(args.synthetic_unknowns, args.seed):
+        images.append(RoutedImage(source, "synthetic", None, image_descriptors(routing_thumbnails(array))[0]))
+    report = evaluate_routing(signatures, images, args.min_confidence)
+    if args.dice:
+        from ..routing_eval import routed_dice
+
+        report["dice"] = routed_dice(files, weights, samples, expected, signatures, args.dice, args.seed,
+                                     args.min_confidence)
+    command = "m4oe " + shlex.join(getattr(args, "argv", []))
+    for path in write_routing_report(report, args.out, command):
+        print(f"wrote {path}")
+    print(f"top-1 {report['top1_accuracy']:.3f}, false rejection {report['false_rejection_rate']:.3f}, "
+          f"leave-one-out unknown {report['leave_one_out_unknown_rate']:.3f} on {report['known_images']} images")
+    if "dice" in report:
+        dice = report["dice"]
+        print(f"Dice: routed {dice['routed_mean']:.4f}, true modality {dice['true_mean']:.4f} on {dice['images']} images")
+    return 0
