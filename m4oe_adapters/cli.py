@@ -12,7 +12,7 @@ import sys
 
 from .errors import M4oEError
 
-COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft")
+COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "backbone")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,62 @@ def load_backbone(
         return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
 
 
+def guess_spec(weights: str | Path) -> str:
+    """The ``FAMILY:NAME`` a hub/save_pretrained folder declares in its ``config.json``.
+
+    Raises:
+        BackboneError: a single file (its family cannot be told apart reliably) or a folder without a usable
+            ``config.json``: pass ``--backbone``.
+    """
+    import json
+
+    config_path = Path(weights) / "config.json"
+    if Path(weights).is_dir() and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BackboneError(f"{config_path}: not valid JSON ({error})") from None
+        if isinstance(config, dict) and config.get("architecture"):
+            return f"timm:{config['architecture']}"
+        if isinstance(config, dict) and config.get("model_type") in ("swin", "swinv2"):
+            return f"transformers:{config['model_type']}"
+    raise BackboneError(
+        f"{weights}: cannot tell the backbone family from the file alone; pass --backbone FAMILY:NAME "
+        "(timm:swin_tiny_patch4_window7_224, transformers:swin, monai:swin_unetr...)"
+    )
+
+
+def check_backbone(
+    weights: str | Path,
+    spec: str | None = None,
+    *,
+    in_chans: int | None = None,
+    img_size: int = 224,
+    model_args: dict[str, Any] | None = None,
+    forward: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint as a backbone and say what it is, without training anything.
+
+    Returns :meth:`Backbone.describe` (family, architecture, source, ``loaded N/N`` report, fingerprint) plus
+    ``load_seconds`` and, with ``forward``, the feature-map shapes ``[C, H, W]`` of one zero image of
+    ``img_size`` pixels. Raises :class:`BackboneError` with the cause when the file is refused.
+    """
+    import time
+
+    import torch
+
+    spec = spec or guess_spec(weights)
+    start = time.perf_counter()
+    backbone = load_backbone(spec, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
+    report = backbone.describe()
+    report["load_seconds"] = round(time.perf_counter() - start, 3)
+    if forward:
+        with torch.no_grad():
+            features = backbone(torch.zeros(1, backbone.in_chans, img_size, img_size))
+        report["feature_shapes"] = [list(feature.shape[1:]) for feature in features]
+    return report
+
+
 def backbone_from_identity(identity: dict[str, Any], weights: str | Path | None) -> Backbone:
     """Rebuild the backbone an adapter's metadata describes (the weights file must be supplied)."""
     spec = f"{identity['family']}:{identity['name']}"
@@ -82,6 +138,7 @@ __all__ = [
     "TimmSwinBackbone",
     "TransformersSwinBackbone",
     "backbone_from_identity",
+    "check_backbone",
     "load_backbone",
     "parse_spec",
     "weight_fingerprint",

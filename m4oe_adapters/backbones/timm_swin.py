@@ -141,6 +141,14 @@ def load_timm_checkpoint(
         for key, value in tensors.items()
         if key in before and tuple(value.shape) != before[key]
     ]
+    final_norm = getattr(model, "norm", None)
+    if tensors and "norm.weight" not in tensors and isinstance(final_norm, torch.nn.LayerNorm):
+        # Encoders saved without the classifier path (Swin-MAE) have no final norm; the four feature maps never
+        # use it, so it is removed rather than left at its initial values.
+        model.norm = torch.nn.Identity()
+        model_state = model.state_dict()
+        model_keys = {key for key in model_state if not is_derived(key)}
+        transformed.append("norm (final LayerNorm): not in the file and unused by the feature maps, removed")
     embed = tensors.get("patch_embed.proj.weight")
     if embed is not None and embed.dim() == 4 and embed.shape[1] != in_chans:
         tensors["patch_embed.proj.weight"] = adapt_input_channels(embed, in_chans)
