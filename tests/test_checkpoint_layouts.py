@@ -252,3 +252,20 @@ def test_backbone_check_refusal_exits_2_with_the_cause(tmp_path, capsys):
                  "--model-args", '{"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], '
                  '"window_size": 4}'])
     assert code == 2 and "Likely cause" in capsys.readouterr().err
+
+
+def test_adapter_metadata_and_inspect_say_what_the_backbone_is(tmp_path, capsys):
+    from m4oe_adapters import SegmentationModel, load_adapter, save_adapter
+
+    source = tiny_timm()
+    path = save(microsoft_release(microsoft_layout(source)), tmp_path / "swin.pth")
+    model = SegmentationModel(load_backbone(spec("v1"), path, img_size=64, model_args=TINY_TIMM))
+    model.add_modality("CT", 2)
+    adapter = tmp_path / "ct.safetensors"
+    save_adapter(model, "CT", adapter)
+    assert main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    total = len(list(source.parameters()))
+    assert f"backbone load   {total}/{total} tensors from swin.pth" in out
+    assert "embed_dim 16, depths [1, 1, 2, 1]" in out and "(pretrained: swin.pth)" in out
+    load_adapter(model, adapter, replace=True)  # the new metadata fields pass the adapter file checks

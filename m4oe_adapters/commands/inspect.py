@@ -12,6 +12,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def backbone_lines(backbone: dict) -> list[str]:
+    """Architecture and load report lines (absent from adapters written before they were recorded)."""
+    lines = []
+    arch = backbone.get("architecture")
+    if isinstance(arch, dict) and arch:
+        lines.append(f"architecture    {', '.join(f'{key} {value}' for key, value in arch.items())}")
+    load = backbone.get("load")
+    if isinstance(load, dict):
+        lines.append(
+            f"backbone load   {load.get('tensors_from_file')}/{load.get('tensors_in_backbone')} tensors from "
+            f"{backbone.get('weights')}"
+            + (f", prefix {load['prefix']!r} removed" if load.get("prefix") else "")
+            + (f", {load['transformed']} transformed" if load.get("transformed") else "")
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from ..adapter_file import inspect_adapter
 
@@ -33,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         f"{report['expert_layers']} layers matching {meta['expert']['target_pattern']}",
         f"backbone        {backbone['family']}:{backbone['name']} "
         f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
+        *backbone_lines(backbone),
         f"fingerprint     {backbone['fingerprint']}",
         f"tensors         {report['tensors']}",
         f"parameters      {report['parameters']:,} (experts {report['expert_parameters']:,}, "
