@@ -41,7 +41,8 @@ def tiny_timm(version: str = "v1") -> torch.nn.Module:
     import timm
 
     name = TIMM_NAME if version == "v1" else V2_NAME
-    return distinct_random(timm.create_model(name, pretrained=False, num_classes=0, img_size=64, strict_img_size=False, **TINY_TIMM))
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=64, strict_img_size=False, **TINY_TIMM)
+    return distinct_random(model)
 
 
 def spec(version: str) -> str:

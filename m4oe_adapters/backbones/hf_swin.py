@@ -173,13 +173,14 @@ def _check_transformers_load(model: nn.Module, info: dict[str, Any], folder: Pat
     model_keys = {key for key in model.state_dict() if not is_derived(key)}
     missing = [key for key in info.get("missing_keys", ()) if not is_derived(key)]
     mismatched = [
-        f"{item[0]}: file {list(item[1])} vs model {list(item[2])}" if isinstance(item, (tuple, list)) and len(item) == 3
+        f"{item[0]}: file {list(item[1])} vs model {list(item[2])}"
+        if isinstance(item, (tuple, list)) and len(item) == 3
         else str(item)
         for item in info.get("mismatched_keys", ())
     ]
     unexpected = [key for key in info.get("unexpected_keys", ()) if not is_derived(key)]
-    weight_file = next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).exists()),
-                       folder)
+    names = ("model.safetensors", "pytorch_model.bin")
+    weight_file = next((folder / name for name in names if (folder / name).exists()), folder)
     report = LoadReport(
         source=str(folder),
         tensors_from_file=len(model_keys - set(missing)),

@@ -19,7 +19,12 @@ import torch
 from ..errors import BackboneError
 from .base import Backbone
 from .checkpoints import (
-    LoadReport, adapt_input_channels, check_complete, is_derived, read_checkpoint, split_by_shape,
+    LoadReport,
+    adapt_input_channels,
+    check_complete,
+    is_derived,
+    read_checkpoint,
+    split_by_shape,
     strip_prefixes,
 )
 
@@ -143,7 +148,8 @@ def build_monai_swin(
     if state_dict is not None and checkpoint is not None:
         transformed = []
         if checkpoint_chans != in_chans:
-            state_dict["patch_embed.proj.weight"] = adapt_input_channels(state_dict["patch_embed.proj.weight"], in_chans)
+            embed = state_dict["patch_embed.proj.weight"]
+            state_dict["patch_embed.proj.weight"] = adapt_input_channels(embed, in_chans)
             transformed.append(
                 f"patch_embed.proj.weight: {checkpoint_chans} -> {in_chans} input channels (timm adapt_input_conv)"
             )
@@ -162,7 +168,8 @@ def build_monai_swin(
             ignored=sorted(key for key in checkpoint.tensors if "patch_embed." not in key and "layers" not in key),
             ignored_entries=checkpoint.ignored_entries,
         )
-        if unexpected and not missing:  # the architecture is read from the file: a leftover key is a layout not understood
+        # The architecture is read from the file, so a leftover key means a layout this loader does not understand.
+        if unexpected and not missing:
             raise BackboneError(
                 f"{weights}: {len(unexpected)} encoder tensors of the file have no place in the MONAI Swin inferred "
                 f"from it ({', '.join(list(unexpected)[:5])}); the checkpoint layout is not one this loader knows"

@@ -125,7 +125,7 @@ def load_timm_checkpoint(
     for key in early_unexpected:  # timm's v1 filter looks the owner module up and would raise AttributeError
         tensors.pop(key)
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    before = {key: tuple(value.shape) for key, value in tensors.items()}
+    originals = {id(value): tuple(value.shape) for value in tensors.values()}
     if filter_fn is not None:
         try:
             tensors = filter_fn(tensors, model)
@@ -136,10 +136,11 @@ def load_timm_checkpoint(
                 f"The file holds {file_architecture(checkpoint.tensors) or 'no recognisable Swin'}: check the "
                 "family, architecture name and --model-args"
             ) from None
+    # The filter renames keys (Microsoft layout) without touching tensors; a new tensor object is a transformation.
     transformed = [
-        f"{key}: {list(before[key])} -> {list(value.shape)} (timm checkpoint_filter_fn)"
+        f"{key}: recomputed to {list(value.shape)} by timm's checkpoint_filter_fn (window or patch size differs)"
         for key, value in tensors.items()
-        if key in before and tuple(value.shape) != before[key]
+        if id(value) not in originals
     ]
     final_norm = getattr(model, "norm", None)
     if tensors and "norm.weight" not in tensors and isinstance(final_norm, torch.nn.LayerNorm):
