@@ -270,3 +270,21 @@ def test_adapter_metadata_and_inspect_say_what_the_backbone_is(tmp_path, capsys)
     assert f"backbone load   {total}/{total} tensors from swin.pth" in out
     assert "embed_dim 16, depths [1, 1, 2, 1]" in out and "(pretrained: swin.pth)" in out
     load_adapter(model, adapter, replace=True)  # the new metadata fields pass the adapter file checks
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_backbone_check_reads_the_architecture_of_a_microsoft_release_without_backbone_flag(tmp_path, capsys,
+                                                                                            version):
+    source = tiny_timm(version)
+    path = save(microsoft_release(microsoft_layout(source, classes=10)), tmp_path / "release.pth")
+    assert main(["backbone", "check", str(path), "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    total = len(list(source.parameters()))
+    assert f"version {version}, embed_dim 16, depths [1, 1, 2, 1], num_heads [1, 1, 2, 2]" in out
+    assert f"loaded, {total}/{total} tensors" in out
+
+
+def test_backbone_check_of_a_bare_timm_swinv2_file_asks_for_the_backbone(tmp_path, capsys):
+    path = save(tiny_timm("v2").state_dict(), tmp_path / "v2.safetensors")
+    assert main(["backbone", "check", str(path)]) == 2
+    assert "--backbone" in capsys.readouterr().err

@@ -65,28 +65,44 @@ def load_backbone(
         return BUILDERS[family](name, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
 
 
-def guess_spec(weights: str | Path) -> str:
-    """The ``FAMILY:NAME`` a hub/save_pretrained folder declares in its ``config.json``.
+def guess_backbone(weights: str | Path) -> tuple[str, dict[str, Any] | None]:
+    """``(FAMILY:NAME, model_args)`` for a checkpoint given without ``--backbone``.
+
+    A folder says it in its ``config.json`` (timm ``architecture``, transformers ``model_type``); a single file is
+    read: MONAI key layouts give ``monai:swin_unetr`` (which reads its architecture itself), timm/Microsoft layouts
+    give a timm Swin name with the embed dim, depths, heads and window read from the tensor shapes.
 
     Raises:
-        BackboneError: a single file (its family cannot be told apart reliably) or a folder without a usable
-            ``config.json``: pass ``--backbone``.
+        BackboneError: the family or architecture cannot be read; pass ``--backbone`` (and ``--model-args``).
     """
     import json
 
-    config_path = Path(weights) / "config.json"
-    if Path(weights).is_dir() and config_path.is_file():
+    from .checkpoints import guess_family, read_checkpoint
+    from .timm_swin import infer_timm_arguments
+
+    path = Path(weights)
+    config_path = path / "config.json"
+    if path.is_dir() and config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BackboneError(f"{config_path}: not valid JSON ({error})") from None
         if isinstance(config, dict) and config.get("architecture"):
-            return f"timm:{config['architecture']}"
+            return f"timm:{config['architecture']}", None
         if isinstance(config, dict) and config.get("model_type") in ("swin", "swinv2"):
-            return f"transformers:{config['model_type']}"
+            return f"transformers:{config['model_type']}", None
+    elif path.is_file():
+        tensors = read_checkpoint(path).tensors
+        family = guess_family(tensors)
+        if family == "monai":
+            return "monai:swin_unetr", None
+        inferred = infer_timm_arguments(tensors) if family == "timm" else None
+        if inferred is not None:
+            return f"timm:{inferred[0]}", inferred[1]
     raise BackboneError(
-        f"{weights}: cannot tell the backbone family from the file alone; pass --backbone FAMILY:NAME "
-        "(timm:swin_tiny_patch4_window7_224, transformers:swin, monai:swin_unetr...)"
+        f"{weights}: cannot tell the backbone family and architecture from the file alone; pass --backbone "
+        "FAMILY:NAME (timm:swin_tiny_patch4_window7_224, transformers:swin, monai:swin_unetr...) and, for a "
+        "non-standard size, --model-args"
     )
 
 
@@ -109,7 +125,9 @@ def check_backbone(
 
     import torch
 
-    spec = spec or guess_spec(weights)
+    if spec is None:
+        spec, guessed_args = guess_backbone(weights)
+        model_args = model_args or guessed_args
     start = time.perf_counter()
     backbone = load_backbone(spec, weights, in_chans=in_chans, img_size=img_size, model_args=model_args)
     report = backbone.describe()
@@ -139,6 +157,7 @@ __all__ = [
     "TransformersSwinBackbone",
     "backbone_from_identity",
     "check_backbone",
+    "guess_backbone",
     "load_backbone",
     "parse_spec",
     "weight_fingerprint",

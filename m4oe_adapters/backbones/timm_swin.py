@@ -102,6 +102,49 @@ def file_architecture(state_dict: dict[str, torch.Tensor]) -> str | None:
     return text
 
 
+def infer_timm_arguments(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """A timm name and ``model_args`` that rebuild the Swin a timm/Microsoft-layout state dict holds, or ``None``.
+
+    Read from shapes under any wrapper prefix: embed dim (``patch_embed.proj``), depths (block indices), heads
+    (relative-position table or SwinV2's ``cpb_mlp``), window (Swin v1's table, or the Microsoft SwinV2
+    ``relative_coords_table``). ``None`` when a value cannot be read (e.g. a timm-native SwinV2 file, which stores no
+    window-sized tensor).
+    """
+    embed_key = next((key for key in tensors if key.endswith("patch_embed.proj.weight")), None)
+    if embed_key is None:
+        return None
+    prefix = embed_key[: -len("patch_embed.proj.weight")]
+    state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    depths, heads, window = [], [], None
+    v2 = any("cpb_mlp" in key for key in state)
+    for stage in range(8):
+        blocks = {int(m.group(1)) for key in state if (m := re.match(rf"layers\.{stage}\.blocks\.(\d+)\.", key))}
+        if not blocks:
+            break
+        depths.append(max(blocks) + 1)
+        attention = f"layers.{stage}.blocks.0.attn."
+        if v2:
+            head_tensor = state.get(attention + "cpb_mlp.2.weight")
+            coords = state.get(attention + "relative_coords_table")
+            if head_tensor is None:
+                return None
+            heads.append(int(head_tensor.shape[0]))
+            if stage == 0 and coords is not None:
+                window = (int(coords.shape[1]) + 1) // 2
+        else:
+            table = state.get(attention + "relative_position_bias_table")
+            if table is None:
+                return None
+            heads.append(int(table.shape[1]))
+            if stage == 0:
+                window = (round(table.shape[0] ** 0.5) + 1) // 2
+    if len(depths) != 4 or window is None:
+        return None
+    args = {"embed_dim": int(state[embed_key[len(prefix):]].shape[0]), "depths": depths, "num_heads": heads,
+            "window_size": window}
+    return ("swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"), args
+
+
 def load_timm_checkpoint(
     model: torch.nn.Module, checkpoint: Checkpoint, *, spec: str, in_chans: int
 ) -> LoadReport:
