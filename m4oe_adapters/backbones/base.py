@@ -146,6 +146,13 @@ class Backbone(nn.Module):
             "ignored": len(report.ignored),
         }
 
+    def summary_line(self) -> str:
+        """One line for reports: family:name, architecture, where the weights came from and the fingerprint."""
+        arch = self.architecture()
+        shape = ", ".join(f"{key} {arch[key]}" for key in ("embed_dim", "depths", "window_size") if key in arch)
+        source = self.load_report.summary() if self.load_report else "RANDOM weights (not pretrained)"
+        return f"backbone {self.family}:{self.name} ({shape}), {source}, fingerprint {self.fingerprint()[:12]}"
+
     def describe(self) -> dict[str, Any]:
         """Everything ``m4oe backbone check`` prints: identity, feature maps and the full load report."""
         return {

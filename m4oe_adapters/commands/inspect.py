@@ -12,20 +12,33 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+ARCHITECTURE_KEYS = ("version", "embed_dim", "depths", "num_heads", "window_size", "pretrained_window_sizes", "use_v2")
+
+
 def backbone_lines(backbone: dict) -> list[str]:
-    """Architecture and load report lines (absent from adapters written before they were recorded)."""
+    """Architecture and load report lines (absent from adapters written before they were recorded).
+
+    Values are printed through ``json.dumps`` (control characters escaped), so a file cannot drive the terminal.
+    """
+    def shown(value) -> str:
+        return json.dumps(value, ensure_ascii=True)[:200]
+
     lines = []
     arch = backbone.get("architecture")
     if isinstance(arch, dict) and arch:
-        lines.append(f"architecture    {', '.join(f'{key} {value}' for key, value in arch.items())}")
+        parts = [f"{key} {shown(arch[key])}" for key in ARCHITECTURE_KEYS if key in arch]
+        lines.append(f"architecture    {', '.join(parts)}")
     load = backbone.get("load")
     if isinstance(load, dict):
-        lines.append(
-            f"backbone load   {load.get('tensors_from_file')}/{load.get('tensors_in_backbone')} tensors from "
-            f"{backbone.get('weights')}"
-            + (f", prefix {load['prefix']!r} removed" if load.get("prefix") else "")
-            + (f", {load['transformed']} transformed" if load.get("transformed") else "")
+        line = (
+            f"backbone load   {shown(load.get('tensors_from_file'))}/{shown(load.get('tensors_in_backbone'))} "
+            f"tensors from {backbone.get('weights')}"
         )
+        if load.get("prefix"):
+            line += f", prefix {shown(load['prefix'])} removed"
+        if load.get("transformed"):
+            line += f", {shown(load['transformed'])} transformed"
+        lines.append(line)
     return lines
 
 
