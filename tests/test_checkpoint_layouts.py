@@ -288,3 +288,22 @@ def test_backbone_check_of_a_bare_timm_swinv2_file_asks_for_the_backbone(tmp_pat
     path = save(tiny_timm("v2").state_dict(), tmp_path / "v2.safetensors")
     assert main(["backbone", "check", str(path)]) == 2
     assert "--backbone" in capsys.readouterr().err
+
+
+def test_adapter_whose_header_length_starts_with_a_pickle_byte_still_loads(tmp_path):
+    """Header lengths of 128 + 256k bytes begin with 0x80 like a pickle; the file is still a valid adapter."""
+    import json
+    import struct
+
+    from m4oe_adapters import SegmentationModel, load_adapter, save_adapter
+
+    model = SegmentationModel(load_backbone(spec("v1"), None, img_size=64, model_args=TINY_TIMM))
+    model.add_modality("CT", 2)
+    data = save_adapter(model, "CT", tmp_path / "ct.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + length].rstrip(b" ")
+    padded = header + b" " * ((0x80 - len(header)) % 256)
+    assert struct.pack("<Q", len(padded))[:1] == b"\x80"
+    json.loads(padded)  # still the same JSON header (safetensors pads with spaces)
+    (tmp_path / "padded.safetensors").write_bytes(struct.pack("<Q", len(padded)) + padded + data[8 + length :])
+    load_adapter(model, tmp_path / "padded.safetensors", replace=True)
