@@ -9,6 +9,7 @@ import torch
 from m4oe_adapters import BackboneError, SegmentationModel, load_backbone
 
 SIZES = [(192, 192), (224, 320), (96, 160), (64, 64), (256, 224)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def hf_folder(tmp_path, model_type="swin", window=7):
@@ -24,14 +25,15 @@ def hf_folder(tmp_path, model_type="swin", window=7):
     return model, folder
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_type", ["swin", "swinv2"])
-def test_window_7_backbone_gives_four_declared_maps_at_every_multiple_of_32(tmp_path, model_type):
+def test_window_7_backbone_gives_four_declared_maps_at_every_multiple_of_32(tmp_path, model_type, device):
     _, folder = hf_folder(tmp_path, model_type)
-    backbone = load_backbone(f"transformers:{model_type}", folder)
+    backbone = load_backbone(f"transformers:{model_type}", folder).to(device)
     assert backbone.feature_channels == (8, 16, 32, 64)
     for height, width in SIZES + [(224, 224)]:
         with torch.no_grad():
-            features = backbone(torch.randn(1, 3, height, width))
+            features = backbone(torch.randn(1, 3, height, width, device=device))
         assert [tuple(f.shape[1:]) for f in features] == [
             (channels, height // stride, width // stride)
             for channels, stride in zip(backbone.feature_channels, backbone.feature_strides)
