@@ -337,7 +337,9 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
             raise _fail(path, f"cannot be read ({error.strerror or error})") from None
     _require(len(prefix) == 8, path, "truncated: shorter than a safetensors header (not an adapter file?)")
     (header_length,) = struct.unpack("<Q", prefix)
-    if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+    # Sniffed only when the length is impossible: a valid header length can start with the bytes 0x80 or "PK"
+    # (e.g. 128 + 256k bytes), while torch.save's pickle/zip prefixes read as lengths far above the limit.
+    if not 0 < header_length <= MAX_HEADER_BYTES and (prefix[:2] == b"PK" or prefix[:1] == b"\x80"):
         raise _fail(path, "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files")
     # Bounded before anything is allocated: a header claiming 2**63 bytes is refused here.
     _require(

@@ -12,8 +12,8 @@ import sys
 
 from .errors import M4oEError
 
-COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "sign",
-            "eval-routing")
+COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "backbone",
+            "sign", "eval-routing")
 
 
 def build_parser() -> argparse.ArgumentParser:

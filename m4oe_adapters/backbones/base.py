@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BackboneError, DataError
+from .checkpoints import LoadReport
 
 FEATURE_STRIDES = (4, 8, 16, 32)
 SIZE_MULTIPLE = 32
@@ -42,6 +43,8 @@ class Backbone(nn.Module):
         default_target_pattern: regex of the linears that get experts by default.
         model_args: the architecture arguments needed to rebuild it (JSON-able).
         weights: where the weights came from (a path), or ``None`` for a random initialisation.
+        load_report: what the checkpoint load did (:class:`~.checkpoints.LoadReport`); ``None`` at random. A
+            backbone with weights exists only after the check that every tensor came from the file passed.
     """
 
     family: str = ""
@@ -56,6 +59,7 @@ class Backbone(nn.Module):
         feature_channels: tuple[int, int, int, int],
         model_args: dict[str, Any],
         weights: str | Path | None,
+        load_report: "LoadReport | None" = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -65,13 +69,21 @@ class Backbone(nn.Module):
         self.feature_strides = FEATURE_STRIDES
         self.model_args = model_args
         self.weights = None if weights is None else str(weights)
+        self.load_report = load_report
+        if weights is not None and (load_report is None or not load_report.complete):
+            raise BackboneError(f"{weights}: {self.family}:{name} was built without a complete, checked load")
         self._fingerprint: str | None = None
         self.freeze()
         self.train(False)
 
     @property
     def pretrained(self) -> bool:
-        return self.weights is not None
+        """True only when weights were given and every backbone tensor was checked to come from them."""
+        return self.weights is not None and self.load_report is not None and self.load_report.complete
+
+    def architecture(self) -> dict[str, Any]:
+        """``embed_dim``, ``depths``, ``num_heads``, ``window_size`` (and family-specific extras)."""
+        return {}
 
     def freeze(self) -> None:
         """Every backbone parameter stops requiring gradients (experts live in their own parameters)."""
@@ -117,6 +129,46 @@ class Backbone(nn.Module):
             "model_args": self.model_args,
             "pretrained": self.pretrained,
             "weights": Path(self.weights).name if self.weights else "none (random initialisation)",
+            "architecture": self.architecture(),
+            "load": self._load_summary(),
+        }
+
+    def _load_summary(self) -> dict[str, Any] | None:
+        if self.load_report is None:
+            return None
+        report = self.load_report
+        return {
+            "tensors_from_file": report.tensors_from_file,
+            "tensors_in_backbone": report.tensors_in_backbone,
+            "container": list(report.container),
+            "prefix": report.prefix,
+            "transformed": len(report.transformed),
+            "ignored": len(report.ignored),
+        }
+
+    def summary_line(self) -> str:
+        """One line for reports: family:name, architecture, where the weights came from and the fingerprint."""
+        arch = self.architecture()
+        shape = ", ".join(f"{key} {arch[key]}" for key in ("embed_dim", "depths", "window_size") if key in arch)
+        source = self.load_report.summary() if self.load_report else "RANDOM weights (not pretrained)"
+        return f"backbone {self.family}:{self.name} ({shape}), {source}, fingerprint {self.fingerprint()[:12]}"
+
+    def describe(self) -> dict[str, Any]:
+        """Everything ``m4oe backbone check`` prints: identity, feature maps and the full load report."""
+        return {
+            "spec": f"{self.family}:{self.name}",
+            "family": self.family,
+            "name": self.name,
+            "architecture": self.architecture(),
+            "in_chans": self.in_chans,
+            "feature_channels": list(self.feature_channels),
+            "feature_strides": list(self.feature_strides),
+            "parameters": sum(parameter.numel() for _, parameter in self.frozen_tensors()),
+            "source": self.weights,
+            "pretrained": self.pretrained,
+            "load": None if self.load_report is None else self.load_report.to_dict(),
+            "summary": self.load_report.summary() if self.load_report else "random initialisation (not pretrained)",
+            "fingerprint": self.fingerprint(),
         }
 
     def check_input(self, images: torch.Tensor) -> None:

@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def backbone_note(backbone) -> str:
-    identity = backbone.identity()
-    kind = f"pretrained weights {identity['weights']}" if identity["pretrained"] else "RANDOM weights (not pretrained)"
-    return f"backbone {identity['family']}:{identity['name']} with {kind}, fingerprint {identity['fingerprint'][:12]}"
+    return backbone.summary_line()
 
 
 def evaluate_adapter_from_args(args):

@@ -12,6 +12,36 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+ARCHITECTURE_KEYS = ("version", "embed_dim", "depths", "num_heads", "window_size", "pretrained_window_sizes", "use_v2")
+
+
+def backbone_lines(backbone: dict) -> list[str]:
+    """Architecture and load report lines (absent from adapters written before they were recorded).
+
+    Values are printed through ``json.dumps`` (control characters escaped), so a file cannot drive the terminal.
+    """
+    def shown(value) -> str:
+        return json.dumps(value, ensure_ascii=True)[:200]
+
+    lines = []
+    arch = backbone.get("architecture")
+    if isinstance(arch, dict) and arch:
+        parts = [f"{key} {shown(arch[key])}" for key in ARCHITECTURE_KEYS if key in arch]
+        lines.append(f"architecture    {', '.join(parts)}")
+    load = backbone.get("load")
+    if isinstance(load, dict):
+        line = (
+            f"backbone load   {shown(load.get('tensors_from_file'))}/{shown(load.get('tensors_in_backbone'))} "
+            f"tensors from {backbone.get('weights')}"
+        )
+        if load.get("prefix"):
+            line += f", prefix {shown(load['prefix'])} removed"
+        if load.get("transformed"):
+            line += f", {shown(load['transformed'])} transformed"
+        lines.append(line)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from ..adapter_file import inspect_adapter
 
@@ -33,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         f"{report['expert_layers']} layers matching {meta['expert']['target_pattern']}",
         f"backbone        {backbone['family']}:{backbone['name']} "
         f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
+        *backbone_lines(backbone),
         f"fingerprint     {backbone['fingerprint']}",
         f"tensors         {report['tensors']}",
         f"parameters      {report['parameters']:,} (experts {report['expert_parameters']:,}, "
