@@ -12,7 +12,8 @@ import sys
 
 from .errors import M4oEError
 
-COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft")
+COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "serve",
+            "serve-bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

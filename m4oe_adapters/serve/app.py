@@ -31,7 +31,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import M4oEError
+from ..errors import ConfigError, M4oEError
 from .errors import PayloadTooLarge, ServiceError, http_status
 from .service import Service
 
@@ -51,6 +51,27 @@ class Tokens:
     @classmethod
     def generate(cls) -> "Tokens":
         return cls(secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+
+    @classmethod
+    def resolve(cls, path: str | None = None) -> tuple["Tokens", bool]:
+        """Tokens from a JSON file ``{"predict": ..., "admin": ...}``, else from ``$M4OE_SERVE_TOKEN`` and
+        ``$M4OE_SERVE_ADMIN_TOKEN``, else freshly generated; the flag says whether they were generated."""
+        import os
+
+        if path:
+            try:
+                document = json.loads(open(path, encoding="utf-8").read())
+                tokens = cls(str(document["predict"]), str(document["admin"]))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ConfigError(f"{path}: cannot read the tokens ({type(error).__name__}: {error}); expected "
+                                  'JSON {"predict": "...", "admin": "..."}') from None
+        elif os.environ.get("M4OE_SERVE_TOKEN") and os.environ.get("M4OE_SERVE_ADMIN_TOKEN"):
+            tokens = cls(os.environ["M4OE_SERVE_TOKEN"], os.environ["M4OE_SERVE_ADMIN_TOKEN"])
+        else:
+            return cls.generate(), True
+        if len(tokens.predict) < 16 or len(tokens.admin) < 16 or tokens.predict == tokens.admin:
+            raise ConfigError("tokens must be at least 16 characters and the admin token must differ from the other")
+        return tokens, False
 
 
 class Unauthorized(ServiceError):

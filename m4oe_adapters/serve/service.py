@@ -108,6 +108,9 @@ class Service:
         self.registry = AdapterRegistry(self.model, self.batcher.lock, on_change=self.metrics.adapters.set)
         self._in_flight = threading.BoundedSemaphore(self.settings.max_in_flight)
         self._slices = ThreadPoolExecutor(max_workers=max(2, self.settings.max_batch), thread_name_prefix="m4oe-slice")
+        import monai.data  # noqa: F401 — the readers and inferer load now, not during the first request
+        import monai.inferers  # noqa: F401
+
         backbone = self.model.backbone.identity()
         self.backbone = {key: backbone[key] for key in ("family", "name", "fingerprint", "weights")}
 

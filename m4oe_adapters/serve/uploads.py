@@ -70,6 +70,8 @@ def sniff(data: bytes) -> str:
         UnsupportedMediaType: none of those.
     """
     head = data[:512]
+    if head[128:132] == b"DICM":  # first: a DICOM preamble may itself look like a TIFF header
+        return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -80,8 +82,6 @@ def sniff(data: bytes) -> str:
         return "bmp"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
-    if head[128:132] == b"DICM":
-        return "dicom"
     if head[:2] == b"\x1f\x8b":
         return "nifti_gz"
     if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00") or len(head) >= 4 and (
