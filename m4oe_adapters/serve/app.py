@@ -98,7 +98,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it passes ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is {int(declared)} bytes; this service takes at most {limit} bytes")
+        raise PayloadTooLarge(f"the body is {int(declared)} bytes, over this service's limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
