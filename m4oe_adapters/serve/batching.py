@@ -61,6 +61,8 @@ class MicroBatcher:
         device: where the forward runs; tiles arrive and results leave on the CPU.
         on_batch: called after each forward with its :class:`BatchStats` (metrics).
         queue_length: called with the number of waiting tiles whenever it changes (metrics).
+        submitters: how many threads may submit tiles now (requests past decoding); a batch stops waiting once it
+            holds a group from each, so a lone request never waits ``max_wait_ms`` for company that cannot come.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class MicroBatcher:
         device: str | torch.device = "cpu",
         on_batch: Callable[[BatchStats], None] | None = None,
         queue_length: Callable[[int], None] | None = None,
+        submitters: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise M4oEError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
@@ -82,6 +85,7 @@ class MicroBatcher:
         self.lock = threading.RLock()
         self._on_batch = on_batch
         self._queue_length = queue_length
+        self._submitters = submitters
         self._queue: deque[_Group] = deque()
         self._waiting_tiles = 0
         self._condition = threading.Condition()
@@ -142,7 +146,8 @@ class MicroBatcher:
                         batch.append(group)
                         count += group.tiles.shape[0]
                 remaining = deadline - time.perf_counter()
-                if count >= self.max_batch or remaining <= 0 or self._closed:
+                everyone = self._submitters is not None and len(batch) >= self._submitters()
+                if count >= self.max_batch or remaining <= 0 or self._closed or everyone:
                     break
                 self._condition.wait(remaining)
             self._waiting_tiles -= count

@@ -98,12 +98,14 @@ class Service:
 
     def __init__(self, model: SegmentationModel, settings: ServeSettings | None = None) -> None:
         self.settings = settings or ServeSettings()
+        self._submitting = 0  # images being predicted now (each may submit tiles to the batcher)
+        self._submitting_lock = threading.Lock()
         self.device = resolve_device(self.settings.device)
         self.model = model.eval().to(self.device)
         self.metrics = ServiceMetrics()
         self.batcher = MicroBatcher(
             self.model, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms, device=self.device,
-            on_batch=self.metrics.on_batch, queue_length=self.metrics.queue.set,
+            on_batch=self.metrics.on_batch, queue_length=self.metrics.queue.set, submitters=lambda: self._submitting,
         )
         self.registry = AdapterRegistry(self.model, self.batcher.lock, on_change=self.metrics.adapters.set)
         self._in_flight = threading.BoundedSemaphore(self.settings.max_in_flight)
@@ -262,8 +264,14 @@ class Service:
             return self.batcher.predict(tiles, version.slot)
 
         def one(raw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-            image = torch.from_numpy(np.ascontiguousarray(normalise(raw, meta, info.preset, in_chans))).float()
-            return predict_mask(predictor, image, info.input_size, resize_mode).numpy().astype(dtype)
+            with self._submitting_lock:
+                self._submitting += 1
+            try:
+                image = torch.from_numpy(np.ascontiguousarray(normalise(raw, meta, info.preset, in_chans))).float()
+                return predict_mask(predictor, image, info.input_size, resize_mode).numpy().astype(dtype)
+            finally:
+                with self._submitting_lock:
+                    self._submitting -= 1
 
         if len(upload.images) == 1:
             return [one(upload.images[0], upload.metas[0])]
