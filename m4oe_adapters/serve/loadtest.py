@@ -94,7 +94,8 @@ class LocalServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(create_app(service, tokens), log_level="error",
-                                                    access_log=False, lifespan="off"))
+                                                    access_log=False, lifespan="off",
+                                                    timeout_keep_alive=300))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> "LocalServer":
@@ -120,9 +121,17 @@ class Client:
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-        self.connection.request(method, path, body=body, headers=self.headers)
-        response = self.connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        for attempt in (0, 1):
+            try:
+                self.connection.request(method, path, body=body, headers=self.headers)
+                response = self.connection.getresponse()
+                return response.status, json.loads(response.read() or b"{}")
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                # The server closed an idle keep-alive connection before this request reached it: reconnect once.
+                self.connection.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.connection.close()
@@ -310,6 +319,8 @@ def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, con
         report["hot_swap"] = _hot_swap(server, tokens, batched, files, modalities, mixed_jobs, concurrency, seconds)
         log(f"  hot swap: {report['hot_swap']}")
     batched.close()
+    report["model_batching"] = _model_batching(zoo, modalities, max_batch)
+    log(f"  model alone, batch {max_batch} vs one at a time: {report['model_batching']}")
     unbatched = service(1)
     with LocalServer(unbatched, tokens) as server:
         drive(server.port, tokens.predict, mixed_jobs[: 2 * len(modalities)], concurrency, seconds)
@@ -375,6 +386,37 @@ def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int)
             "service_p50_ms": round(float(np.median(service_ms)), 1),
             "in_process_p50_ms": round(float(np.median(in_process_ms)), 1),
             "same_mask": bool(np.array_equal(served, mask))}
+
+
+def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int = 3) -> dict:
+    """The ceiling for any batcher on this machine: ``model(B tiles)`` (mixed modalities) vs ``B × model(1 tile)``,
+    in this process, no service involved (medians of ``repeats`` round-robin rounds)."""
+    import torch
+
+    from ..adapter_file import load_adapter, model_from_adapter
+    from ..zoo import load_reference_backbone, read_index
+
+    entries = {e["modality"]: e for e in read_index(zoo)["adapters"]}
+    names = modalities[: min(len(modalities), batch)]
+    model = model_from_adapter(zoo / entries[names[0]]["file"], None, backbone=load_reference_backbone(zoo)).eval()
+    for name in names[1:]:
+        load_adapter(model, zoo / entries[name]["file"])
+    tiles = torch.randn(batch, model.backbone.in_chans, TILE, TILE)
+    per_tile = [names[i % len(names)] for i in range(batch)]
+    one_by_one, batched = [], []
+    with torch.no_grad():
+        model(tiles[:1], per_tile[0])  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(batch):
+                model(tiles[i : i + 1], per_tile[i])
+            one_by_one.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model(tiles, per_tile)
+            batched.append(time.perf_counter() - start)
+    single, together = float(np.median(one_by_one)), float(np.median(batched))
+    return {"tiles": batch, "modalities": len(names), "one_at_a_time_s": round(single, 3),
+            "one_batch_s": round(together, 3), "gain": round(single / together, 3)}
 
 
 def _hot_swap(server, tokens, service, files, modalities, jobs, concurrency, seconds) -> dict:
@@ -458,6 +500,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{memory['rss_backbone_only_mb']} → {memory['rss_with_adapters_mb']} MiB (+{memory['rss_added_mb']}"
                   f" MiB = {memory['added_over_files']}× the files); load p50 {memory['load_ms_p50']} ms, "
                   f"max {memory['load_ms_max']} ms per adapter"]
+    if "model_batching" in report:
+        batching = report["model_batching"]
+        lines += [f"model alone (no service), {batching['tiles']} tiles of {batching['modalities']} modalities: one "
+                  f"batch {batching['one_batch_s']} s vs one at a time {batching['one_at_a_time_s']} s "
+                  f"(gain {batching['gain']}×)"]
     lines += ["", "ratios: " + json.dumps(report["ratios"]),
               f"load average (1, 5, 15 min) at start {report['load_average_start']}, at end {report['load_average_end']}"
               f"; torch threads {report['torch_threads']}, {report['cpu_count']} CPUs"]

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from ..adapter_file import check_compatible, read_adapter
 from ..config import check_modality_name
+from ..errors import AdapterFormatError
 from ..model import ModalityInfo, SegmentationModel
 from .errors import AdapterConflict, AdapterNotFound, UnknownModality
 
@@ -152,6 +153,14 @@ class AdapterRegistry:
         start = time.perf_counter()
         metadata, tensors = read_adapter(data, source)  # no lock: a refused file never touches the model
         check_compatible(self.model, metadata, tensors, source)
+        # Loading into a slot mirrors load_adapter (add_modality + set_modality_tensors); a tensor kind that
+        # load_adapter learns later must not be dropped here without a word.
+        unknown = set(tensors) - set(self.model.expected_tensor_shapes(metadata["num_classes"]))
+        if unknown:
+            raise AdapterFormatError(
+                f"{source}: this service cannot place tensors {sorted(unknown)[:3]} in a served slot; update "
+                "m4oe_adapters/serve/registry.py to load them as load_adapter does"
+            )
         name = check_modality_name(name or metadata["modality"])
         sha256 = hashlib.sha256(data).hexdigest()
         with self._admin:
