@@ -327,3 +327,30 @@ def test_serve_command_starts_on_loopback_and_answers(tmp_path, reference):
     finally:
         process.terminate()
         process.wait(20)
+
+
+DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_service_segments_on_every_available_device(reference, device):
+    """The Python API without HTTP, on each device present (CUDA when there is one)."""
+    from m4oe_adapters import ExpertConfig, SegmentationModel
+    from m4oe_adapters.serve import ServeSettings, Service
+
+    from conftest import tiny_backbone
+
+    model, files = reference
+    service = Service(SegmentationModel(tiny_backbone(), ExpertConfig(rank=4)), ServeSettings(device=device))
+    try:
+        for name, data in files.items():
+            service.add_adapter(data, source=f"{name}.safetensors")
+        assert next(service.model.parameters()).device.type == device
+        png, raw = random_png(70, 66, seed=11)
+        for name in files:
+            result = service.segment(png, modality=name)
+            expected = predict_array(model, raw, name, {"dtype": "uint8"})
+            assert result.masks[0].shape == expected.shape
+            assert (result.masks[0] == expected).mean() > 0.99  # float rounding may differ on another device
+    finally:
+        service.close()

@@ -47,7 +47,7 @@ def mask_of(answer: dict) -> np.ndarray:
 def test_concurrent_mixed_modality_requests_share_batches_and_each_gets_its_own_result(reference):
     model, files = reference
     jobs = []  # (modality, png, expected mask): every image has its own size, so a swapped answer cannot pass
-    for index in range(12):
+    for index in range(9):
         modality = list(CLASSES)[index % 3]
         data, raw = random_png(40 + 3 * index, 70 - 2 * index, seed=index)
         jobs.append((modality, data, predict_array(model, raw, modality, {"dtype": "uint8"})))
@@ -113,7 +113,7 @@ def test_an_adapter_can_be_served_under_another_name(reference):
 
 
 def test_hot_swap_under_concurrent_requests_drops_and_misroutes_nothing(reference, tmp_path):
-    """Four clients send 15 requests each while the admin swaps the CT adapter back and forth six times."""
+    """Four clients send 10 requests each while the admin swaps the CT adapter back and forth four times."""
     model, files = reference
     versions = {"a": files["CT"], "b": adapter_bytes(random_adapters({"CT": 2}, seed=9), "CT", tmp_path)}
     other = random_adapters({"CT": 2}, seed=9)
@@ -130,7 +130,7 @@ def test_hot_swap_under_concurrent_requests_drops_and_misroutes_nothing(referenc
         def client_loop(index: int) -> list:
             out = []
             with live.client() as client:
-                for _ in range(15):  # bounded
+                for _ in range(10):  # bounded
                     modality = "CT" if index % 4 else "MRI"
                     response = client.post("/v1/segment", params={"modality": modality}, content=data)
                     out.append((modality, response.status_code, response.json()))
@@ -139,7 +139,7 @@ def test_hot_swap_under_concurrent_requests_drops_and_misroutes_nothing(referenc
         def swapper() -> int:
             swaps = 0
             with live.client(ADMIN) as admin:
-                for key in "babab" + "a":
+                for key in "baba":
                     if stop.is_set():
                         break
                     response = admin.put("/v1/admin/adapters/CT", content=versions[key], params={"replace": "true"})
@@ -156,7 +156,7 @@ def test_hot_swap_under_concurrent_requests_drops_and_misroutes_nothing(referenc
             swaps = swapping.result(timeout=60)
         slots = sorted(live.service.model.modalities)
     assert swaps >= 1
-    assert len(answers) == 60
+    assert len(answers) == 40
     assert all(status == 200 for _, status, _ in answers), [a for a in answers if a[1] != 200][:2]
     seen = set()
     for modality, _, answer in answers:
