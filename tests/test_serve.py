@@ -152,6 +152,13 @@ def test_zipped_dicom_series_returns_one_seg_referencing_every_instance_in_slice
     assert referenced == set(uids)
 
 
+def test_a_dicom_modality_tag_naming_a_served_adapter_chooses_it(server):
+    dataset = dicom_series(1, seed=6)[0]  # Modality CT
+    with server.client() as client:
+        answer = client.post("/v1/segment", content=dicom_bytes(dataset)).json()
+    assert answer["modality"] == "CT" and answer["routing"]["by"] == "dicom tag"
+
+
 def _write(dataset) -> str:
     import tempfile
 
@@ -176,6 +183,27 @@ def test_without_a_modality_and_without_a_router_the_answer_is_a_clear_422(serve
         response = client.post("/v1/segment", content=data)
     assert response.status_code == 422
     assert "modality" in response.json()["error"]
+
+
+def test_model_route_alone_is_used_when_there_is_no_route_image(server, monkeypatch):
+    """The routing issue's ``SegmentationModel.route(list of [C, H, W])`` without a ``prediction.route_image``."""
+    from m4oe_adapters import prediction
+
+    service = server.service
+    calls = []
+
+    def route(self, images, min_confidence=None):
+        calls.append(images[0].shape)
+        return [SimpleNamespace(modality="MRI", confidence=0.7, scores={"MRI": 0.7, "CT": 0.1})]
+
+    monkeypatch.delattr(prediction, "route_image", raising=False)
+    monkeypatch.setattr(type(service.model), "route", route, raising=False)
+    data, _ = random_png(64, 72, seed=4)
+    with server.client() as client:
+        answer = client.post("/v1/segment", content=data).json()
+    assert calls == [(1, 64, 72)]  # the raw image as read, not preprocessed
+    assert answer["modality"] == "MRI" and answer["routing"] == {"by": "router", "confidence": 0.7,
+                                                                  "scores": {"MRI": 0.7, "CT": 0.1}}
 
 
 def test_the_router_decides_without_a_modality_and_unknown_is_a_422(server, reference, monkeypatch):

@@ -30,6 +30,7 @@ from ..model import ModalityInfo, SegmentationModel
 from .errors import AdapterConflict, AdapterNotFound, UnknownModality
 
 VERSION_DIGITS = 12  # hex digits of the sha256 shown as an adapter's version
+SIGNATURE_PREFIX = "signature."  # routing signature tensors (routing issue), kept with their slot
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,11 @@ class AdapterRegistry:
         check_compatible(self.model, metadata, tensors, source)
         # Loading into a slot mirrors load_adapter (add_modality + set_modality_tensors); a tensor kind that
         # load_adapter learns later must not be dropped here without a word.
-        unknown = set(tensors) - set(self.model.expected_tensor_shapes(metadata["num_classes"]))
+        signed = callable(getattr(self.model, "set_signature", None)) and metadata.get("routing") is not None
+        placed = set(self.model.expected_tensor_shapes(metadata["num_classes"]))
+        if signed:  # the routing signature (routing issue) is attached to the slot like load_adapter does
+            placed |= {key for key in tensors if key.startswith(SIGNATURE_PREFIX)}
+        unknown = set(tensors) - placed
         if unknown:
             raise AdapterFormatError(
                 f"{source}: this service cannot place tensors {sorted(unknown)[:3]} in a served slot; update "
@@ -177,8 +182,12 @@ class AdapterRegistry:
                 )
                 try:
                     self.model.set_modality_tensors(slot, tensors)
+                    if signed:
+                        from ..signatures import ImageSignature  # present with the routing issue
+
+                        self.model.set_signature(slot, ImageSignature.from_file(metadata["routing"], tensors))
                 except BaseException:
-                    self.model.remove_modality(slot)
+                    self.model.remove_modality(slot)  # (drops the slot's signature too, in the routing version)
                     raise
                 info.provenance = dict(metadata.get("provenance", {}))
                 info.metrics = dict(metadata.get("metrics", {}))

@@ -68,22 +68,31 @@ class Segmentation:
 
 
 def _route(model: SegmentationModel, raw: np.ndarray, meta: dict[str, Any]):
-    """Integration point with the image-level router (routing issue): ``prediction.route_image(model, raw, meta)``
-    returning a ``RoutingDecision`` (``modality``: a model modality or ``None`` = unknown, ``confidence`` in [0, 1],
-    ``scores``: per modality). The caller holds the model lock.
+    """Integration point with the image-level router (routing issue). Uses ``prediction.route_image(model, raw,
+    meta)`` when the library has it, else ``model.route([raw])[0]``; either returns a ``RoutingDecision``
+    (``modality``: a model modality or ``None`` = unknown, ``confidence`` in [0, 1], ``scores`` per modality). The
+    caller holds the model lock.
 
     Raises:
-        RoutingUnavailable: this model or library has no router yet (422: pass a modality).
+        RoutingUnavailable: no router in this build, or the router cannot decide (no adapter has what it needs);
+            422: pass a modality.
     """
     from .. import prediction
+    from ..errors import M4oEError
 
     route_image = getattr(prediction, "route_image", None)
-    if route_image is None or not callable(getattr(model, "route", None)):
+    route = getattr(model, "route", None)
+    if not callable(route):
         raise RoutingUnavailable(
-            "no modality given and routing is not available in this build (no SegmentationModel.route / "
-            "prediction.route_image); pass ?modality=NAME"
+            "no modality given and routing is not available in this build (no SegmentationModel.route); "
+            "pass ?modality=NAME"
         )
-    return route_image(model, raw, meta)
+    try:
+        return route_image(model, raw, meta) if callable(route_image) else route([raw])[0]
+    except RoutingUnavailable:
+        raise
+    except M4oEError as error:
+        raise RoutingUnavailable(f"no modality given and the router cannot decide: {error}") from None
 
 
 class Service:
@@ -235,6 +244,17 @@ class Service:
         if modality:
             return self.registry.acquire(modality), {"by": "request", "confidence": None, "scores": {}}
         middle = len(upload.images) // 2
+        tag = upload.metas[middle].get("dicom_modality")
+        if tag:  # a DICOM Modality tag that names a served modality (CT, MR → MRI, ...) decides first
+            from ..prediction import DICOM_MODALITY
+
+            wanted = DICOM_MODALITY.get(str(tag).upper(), str(tag)).lower()
+            named = [name for name in self.registry.names() if name.lower() == wanted]
+            if len(named) == 1:
+                try:
+                    return self.registry.acquire(named[0]), {"by": "dicom tag", "confidence": None, "scores": {}}
+                except UnknownModality:
+                    pass  # removed meanwhile: the router decides
         with self.batcher.lock:  # the router runs the backbone: no batch may run meanwhile
             decision = _route(self.model, upload.images[middle], upload.metas[middle])
         scores: dict[str, float] = {}
