@@ -19,6 +19,7 @@ import pytest
 from m4oe_adapters.prediction import predict_array
 
 from serve_support import ADMIN, LiveServer, adapter_bytes, empty_service, random_adapters, random_png
+from test_hostile_adapters import join as _join, split as _split  # the fuzz tests' file surgery
 
 CLASSES = {"CT": 2, "MRI": 4, "xray": 3}
 
@@ -239,16 +240,6 @@ def test_bodies_and_images_over_the_limits_get_413(reference):
             assert response.status_code == 413 and "pixels" in response.json()["error"]
             small, _ = random_png(64, 64, seed=3)
             assert client.post("/v1/segment", params={"modality": "CT"}, content=small).status_code == 200
-
-
-def _split(data: bytes) -> tuple[dict, bytes]:
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]), data[8 + length :]
-
-
-def _join(header: dict | bytes, body: bytes) -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def hostile_adapters(valid: bytes, other_backbone: bytes) -> dict[str, bytes]:
