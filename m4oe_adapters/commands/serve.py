@@ -48,10 +48,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"m4oe serve: listening on {args.host}, not only on loopback", file=sys.stderr)
     settings = settings_from(args)
     if args.engine == "ray":
+        import os
+
+        import ray
         from ray import serve
 
         from ..serve.ray_app import ray_application
 
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            # A local Ray "cluster" of this machine only: its own services on loopback, no dashboard.
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(ray_application(zoo=args.zoo, adapters=args.adapter, weights=args.weights, settings=settings,
                                   tokens=tokens, replicas=args.replicas if args.replicas == "auto" else int(args.replicas)),

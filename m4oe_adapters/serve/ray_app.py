@@ -13,7 +13,6 @@ change adapters by redeploying (or point every replica at the same zoo and resta
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from .app import Tokens, create_app
@@ -56,8 +55,11 @@ def ray_application(
                                 "target_ongoing_requests": options["settings"]["max_batch"]}}
         if replicas == "auto" else {"num_replicas": int(replicas)}
     )
+    def build() -> Any:  # a plain function: Ray Serve calls it on each replica to get the ASGI app
+        return build_asgi_app(options)
+
     deployment = serve.deployment(
-        serve.ingress(functools.partial(build_asgi_app, options))(),
+        serve.ingress(build)(),
         name="m4oe",
         max_ongoing_requests=options["settings"]["max_in_flight"],
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
