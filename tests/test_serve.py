@@ -300,7 +300,9 @@ def test_each_request_writes_one_json_log_line_without_tokens(server, caplog):
 # ------------------------------------------------------------------------------------------------- engines
 def test_the_same_app_builds_as_a_ray_serve_application(tmp_path, reference):
     serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
-    from m4oe_adapters.serve.ray_app import build_asgi_app, ray_application
+    import inspect
+
+    from m4oe_adapters.serve.ray_app import ray_application, replica_builder
 
     _, files = reference
     path = tmp_path / "CT.safetensors"
@@ -310,7 +312,9 @@ def test_the_same_app_builds_as_a_ray_serve_application(tmp_path, reference):
     # What each replica runs at start-up: the same FastAPI app, serving the adapters.
     options = {"adapters": [str(path)], "weights": "none", "settings": {"device": "cpu"},
                "tokens": {"predict": TOKENS.predict, "admin": TOKENS.admin}}
-    app = build_asgi_app(options)
+    builder = replica_builder(options)
+    assert inspect.isfunction(builder)  # what serve.ingress needs to call it per replica rather than serve it
+    app = builder()
     try:
         assert [v.name for v in app.state.service.registry.list()] == ["CT"]
     finally:

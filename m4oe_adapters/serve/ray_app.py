@@ -31,6 +31,16 @@ def build_asgi_app(options: dict[str, Any]):
     return create_app(service, tokens)
 
 
+def replica_builder(options: dict[str, Any]):
+    """The function Ray Serve calls on each replica for its ASGI app. A plain function on purpose: ``serve.ingress``
+    treats anything else (a ``functools.partial`` included) as the app itself."""
+
+    def build() -> Any:
+        return build_asgi_app(options)
+
+    return build
+
+
 def ray_application(
     *, zoo: str | None = None, adapters: list[str] | None = None, weights: str | None = None,
     settings: ServeSettings | None = None, tokens: Tokens | None = None, replicas: int | str = 1,
@@ -55,11 +65,8 @@ def ray_application(
                                 "target_ongoing_requests": options["settings"]["max_batch"]}}
         if replicas == "auto" else {"num_replicas": int(replicas)}
     )
-    def build() -> Any:  # a plain function: Ray Serve calls it on each replica to get the ASGI app
-        return build_asgi_app(options)
-
     deployment = serve.deployment(
-        serve.ingress(build)(),
+        serve.ingress(replica_builder(options))(),
         name="m4oe",
         max_ongoing_requests=options["settings"]["max_in_flight"],
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
