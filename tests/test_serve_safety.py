@@ -10,6 +10,7 @@ import json
 import random
 import struct
 import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,7 +63,13 @@ def test_concurrent_mixed_modality_requests_share_batches_and_each_gets_its_own_
                 return client.post("/v1/segment", params={"modality": modality}, content=data)
 
         with ThreadPoolExecutor(len(jobs)) as pool:
-            responses = list(pool.map(send, jobs))
+            # Hold the model lock until tiles of several requests wait, so that a mixed batch surely forms.
+            with live.service.batcher.lock:
+                futures = [pool.submit(send, job) for job in jobs]
+                deadline = time.monotonic() + 60
+                while len(live.service.batcher._queue) < 4 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            responses = [future.result(timeout=120) for future in futures]
         with live.client() as client:
             metrics = client.get("/metrics").text
     for (modality, _, expected), response in zip(jobs, responses):
