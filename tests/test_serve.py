@@ -185,10 +185,8 @@ def test_without_a_modality_and_without_a_router_the_answer_is_a_clear_422(serve
     assert "modality" in response.json()["error"]
 
 
-def test_model_route_alone_is_used_when_there_is_no_route_image(server, monkeypatch):
-    """The routing issue's ``SegmentationModel.route(list of [C, H, W])`` without a ``prediction.route_image``."""
-    from m4oe_adapters import prediction
-
+def test_the_router_is_given_the_raw_image_and_its_decision_is_reported(server, monkeypatch):
+    """Without a modality the service asks ``SegmentationModel.route`` with the image as read."""
     service = server.service
     calls = []
 
@@ -196,7 +194,6 @@ def test_model_route_alone_is_used_when_there_is_no_route_image(server, monkeypa
         calls.append(images[0].shape)
         return [SimpleNamespace(modality="MRI", confidence=0.7, scores={"MRI": 0.7, "CT": 0.1})]
 
-    monkeypatch.delattr(prediction, "route_image", raising=False)
     monkeypatch.setattr(type(service.model), "route", route, raising=False)
     data, _ = random_png(64, 72, seed=4)
     with server.client() as client:
@@ -207,21 +204,21 @@ def test_model_route_alone_is_used_when_there_is_no_route_image(server, monkeypa
 
 
 def test_the_router_decides_without_a_modality_and_unknown_is_a_422(server, reference, monkeypatch):
-    """The router is the routing issue's ``prediction.route_image``; here a stand-in decides by image width."""
-    from m4oe_adapters import prediction
-
+    """A stand-in for ``SegmentationModel.route`` decides by image width (routing quality is tested on real images
+    in tests/test_routing.py); the service must follow it and answer unknown with a 422."""
     model, _ = reference
     service = server.service
 
-    def route_image(routed_model, raw, meta):
+    def route(routed_model, images, min_confidence=None):
         assert routed_model is service.model
+        raw = images[0]
         width = raw.shape[-1]
         modality = {64: "CT", 80: "MRI"}.get(width)
-        return SimpleNamespace(modality=modality, confidence=0.9 if modality else 0.2,
-                               scores={"CT": 0.9 if modality == "CT" else 0.1, "MRI": 0.8 if modality == "MRI" else 0.1})
+        return [SimpleNamespace(modality=modality, confidence=0.9 if modality else 0.2,
+                                scores={"CT": 0.9 if modality == "CT" else 0.1,
+                                        "MRI": 0.8 if modality == "MRI" else 0.1})]
 
-    monkeypatch.setattr(prediction, "route_image", route_image, raising=False)
-    monkeypatch.setattr(type(service.model), "route", lambda self, images: None, raising=False)
+    monkeypatch.setattr(type(service.model), "route", route, raising=False)
     with server.client() as client:
         for width, expected in ((64, "CT"), (80, "MRI")):
             data, raw = random_png(64, width, seed=width)

@@ -68,29 +68,17 @@ class Segmentation:
 
 
 def _route(model: SegmentationModel, raw: np.ndarray, meta: dict[str, Any]):
-    """Integration point with the image-level router (routing issue). Uses ``prediction.route_image(model, raw,
-    meta)`` when the library has it, else ``model.route([raw])[0]``; either returns a ``RoutingDecision``
-    (``modality``: a model modality or ``None`` = unknown, ``confidence`` in [0, 1], ``scores`` per modality). The
-    caller holds the model lock.
+    """The image-level router's :class:`~m4oe_adapters.routing.RoutingDecision` for one raw ``[C, H, W]`` image
+    (``modality`` ``None`` = unknown). The caller holds the model lock.
 
     Raises:
-        RoutingUnavailable: no router in this build, or the router cannot decide (no adapter has what it needs);
-            422: pass a modality.
+        RoutingUnavailable: the router cannot decide (no served adapter has a routing signature); 422: pass a
+            modality.
     """
-    from .. import prediction
     from ..errors import M4oEError
 
-    route_image = getattr(prediction, "route_image", None)
-    route = getattr(model, "route", None)
-    if not callable(route):
-        raise RoutingUnavailable(
-            "no modality given and routing is not available in this build (no SegmentationModel.route); "
-            "pass ?modality=NAME"
-        )
     try:
-        return route_image(model, raw, meta) if callable(route_image) else route([raw])[0]
-    except RoutingUnavailable:
-        raise
+        return model.route([raw])[0]
     except M4oEError as error:
         raise RoutingUnavailable(f"no modality given and the router cannot decide: {error}") from None
 
