@@ -88,8 +88,10 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
     return decision.modality, "router", decision.confidence
 
 
-def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None) -> np.ndarray:
-    """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size."""
+def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None,
+                  routing: str | None = None) -> np.ndarray:
+    """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size (and
+    ``routing`` ``"hard"``/``"soft"`` for the experts, default the model's)."""
     from .data import normalise
 
     info = model.modalities[modality]
@@ -97,7 +99,7 @@ def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta
                                                             model.backbone.in_chans))).float()
     resize_mode = info.provenance.get("resize_mode", "crop")
     model.eval()
-    return predict_mask(lambda x: model(x, modality), image, info.input_size, resize_mode).numpy()
+    return predict_mask(lambda x: model(x, modality, routing=routing), image, info.input_size, resize_mode).numpy()
 
 
 def output_path(source: Path, out_dir: Path, root: Path | None, keep_suffix: bool = False) -> Path:

@@ -224,6 +224,11 @@ def write_routing_report(report: dict[str, Any], out_dir: str | Path, command: s
          for e in report["threshold_sweep"]] + [
         "", "| left out | its images | flagged unknown | sent to |", "|---|---|---|---|",
     ] + [f"| {n} | {e['images']} | {e['flagged_unknown']} | {e['sent_to']} |" for n, e in report["leave_one_out"].items()]
+    if "dice" in report:
+        dice = report["dice"]
+        lines += ["", f"Dice on {dice['images']} held-out images (mean over images of the mean foreground-class Dice):",
+                  "", "| hard, true modality | hard, image-level router | soft token gate, true decoder |",
+                  "|---|---|---|", f"| {dice['true_mean']:.4f} | {dice['routed_mean']:.4f} | {dice['soft_mean']:.4f} |"]
     written.append(atomic_write(out / "report.md", lambda t: Path(t).write_text("\n".join(lines) + "\n")))
     return written
 
@@ -263,10 +268,11 @@ def _confusion_png(report, truths, columns, path: Path) -> Path:
 def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected: Mapping[str, str],
                 signatures: Mapping[str, ImageSignature], per_adapter: int, seed: int = 0,
                 min_confidence: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Segment ``per_adapter`` held-out images of each adapter twice — sent where routing says (the way
-    ``m4oe predict`` without ``--modality`` does) and with the true modality — and compare mean Dice. An image
-    routed to *unknown* gets no mask: Dice 0 for the routed run. A wrong adapter's mask is scored against the
-    image's own labels (classes beyond the right adapter's count count as background).
+    """Segment ``per_adapter`` held-out images of each adapter three ways — hard routing to where the image-level
+    router says (as ``m4oe predict`` without ``--modality`` does), hard routing with the true modality, and soft
+    token-level routing (every expert mixed by the gate) with the true modality's decoder — and compare mean Dice.
+    An image routed to *unknown* gets no mask: Dice 0 for the routed run. A wrong adapter's mask is scored against
+    the image's own labels (classes beyond the right adapter's count count as background).
     """
     from .adapter_file import load_adapter, model_from_adapter
     from .data import load_pair
@@ -305,14 +311,16 @@ def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected:
         else:
             routed_mask = predict_array(model, raw, decision.modality, meta)
             routed_dice_value = _mean_dice(score_mask(np.where(routed_mask < classes, routed_mask, 0), label, classes))
+        soft_mask = predict_array(model, raw, name, meta, routing="soft")  # the token gate mixes every expert
         rows.append({"image": str(sample.image), "adapter": name, "routed_to": decision.modality or "unknown",
-                     "dice_true_modality": true_dice, "dice_routed": routed_dice_value})
-    return {
-        "images": len(rows),
-        "true_mean": float(np.mean([r["dice_true_modality"] for r in rows])) if rows else None,
-        "routed_mean": float(np.mean([r["dice_routed"] for r in rows])) if rows else None,
-        "rows": rows,
-    }
+                     "dice_true_modality": true_dice, "dice_routed": routed_dice_value,
+                     "dice_soft_true_decoder": _mean_dice(score_mask(soft_mask, label, classes))})
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([r[key] for r in rows])) if rows else None
+
+    return {"images": len(rows), "true_mean": mean("dice_true_modality"), "routed_mean": mean("dice_routed"),
+            "soft_mean": mean("dice_soft_true_decoder"), "rows": rows}
 
 
 def _mean_dice(scores: dict[int, dict[str, float]]) -> float:

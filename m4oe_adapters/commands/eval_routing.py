@@ -86,5 +86,6 @@ def run(args: argparse.Namespace) -> int:
           f"leave-one-out unknown {report['leave_one_out_unknown_rate']:.3f} on {report['known_images']} images")
     if "dice" in report:
         dice = report["dice"]
-        print(f"Dice: routed {dice['routed_mean']:.4f}, true modality {dice['true_mean']:.4f} on {dice['images']} images")
+        print(f"Dice: hard routed {dice['routed_mean']:.4f}, hard true modality {dice['true_mean']:.4f}, soft gate "
+              f"(true decoder) {dice['soft_mean']:.4f} on {dice['images']} images")
     return 0
