@@ -15,22 +15,55 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterFormatError, BackboneMismatchError
+from .errors import AdapterFormatError, BackboneMismatchError, ConfigError
 from .model import SegmentationModel
 
 PEFT_PREFIX = "base_model.model."
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXPORT_MARK = "m4oe_export"  # safetensors metadata key: this folder's weights were written by export_peft
 
 
-def export_peft(model: SegmentationModel, modality: str, folder: str | Path) -> Path:
-    """Write ``modality``'s backbone experts as a PEFT LoRA folder (atomically: built aside, then renamed).
+def _written_by_export(folder: Path) -> bool:
+    """Whether ``folder`` holds only the two PEFT files and its weights carry :data:`EXPORT_MARK`."""
+    import safetensors
+
+    if {entry.name for entry in folder.iterdir()} != set(PEFT_FILES):
+        return False
+    try:
+        with safetensors.safe_open(str(folder / PEFT_FILES[1]), "pt") as handle:
+            return EXPORT_MARK in (handle.metadata() or {})
+    except Exception:  # unreadable or not safetensors: not ours
+        return False
+
+
+def export_peft(model: SegmentationModel, modality: str, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``modality``'s backbone experts as a PEFT LoRA folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``).
 
     Module names are those of ``model.backbone.model`` (the plain timm / transformers / MONAI module).
+
+    Nothing of the user's is deleted: a new folder is built aside and renamed into place (atomic); an existing folder
+    is replaced only when it holds nothing but an earlier export's two files. Any other existing, non-empty folder is
+    refused with a :class:`~m4oe_adapters.errors.ConfigError` unless ``overwrite=True``, which writes the two files
+    into it (each atomically) and leaves every other file there untouched.
     """
     import peft
     import safetensors.torch
 
+    from .adapter_file import atomic_write
+
     model._require(modality)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder}: exists and is not a folder; give a folder path for the PEFT adapter")
+    existing = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    replace_whole = bool(existing) and _written_by_export(folder)
+    if existing and not replace_whole and not overwrite:
+        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise ConfigError(
+            f"{folder}: folder exists and holds files m4oe did not write ({shown}); choose a new or empty folder, "
+            f"or pass --overwrite (overwrite=True) to write {' and '.join(PEFT_FILES)} into it (other files are kept)"
+        )
     config = peft.LoraConfig(
         r=model.expert_config.rank,
         lora_alpha=model.expert_config.alpha,
@@ -42,19 +75,26 @@ def export_peft(model: SegmentationModel, modality: str, folder: str | Path) -> 
     for name, layer in model.expert_layers.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[modality].detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[modality].detach().cpu().contiguous()
+    metadata = {"format": "pt", EXPORT_MARK: modality}
+    # What config.save_pretrained writes (PEFT's own to_dict), so both paths below write the same bytes.
+    text = json.dumps({key: (sorted(value) if isinstance(value, set) else value)
+                       for key, value in config.to_dict().items()}, indent=2, sort_keys=True)
+    if existing:
+        # Into the existing folder, file by file (weights first, so a crash never leaves a config without weights);
+        # nothing else in the folder is touched.
+        atomic_write(folder / PEFT_FILES[1],
+                     lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=metadata))
+        atomic_write(folder / PEFT_FILES[0], lambda temporary: Path(temporary).write_text(text))
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        config.save_pretrained(str(staging))
-        safetensors.torch.save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-        if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(staging, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0o700 would hide the folder from other users
+        (staging / PEFT_FILES[0]).write_text(text)
+        safetensors.torch.save_file(tensors, str(staging / PEFT_FILES[1]), metadata=metadata)
+        os.replace(staging, folder)  # a new or empty folder: one atomic rename
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

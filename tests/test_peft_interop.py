@@ -69,3 +69,70 @@ def test_lower_rank_peft_lora_is_zero_padded_into_the_expert(tmp_path, timm_chec
 def test_folder_without_peft_files_is_refused(tmp_path, model):
     with pytest.raises(AdapterFormatError, match="not a PEFT adapter folder"):
         import_peft(model, tmp_path, "CT")
+
+
+def test_export_refuses_a_folder_holding_the_users_files_and_keeps_them(tmp_path, model):
+    from m4oe_adapters import ConfigError
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "results.csv").write_text("patient,dice\n1,0.8\n")
+    (folder / "scan.nii.gz").write_bytes(b"\x1f\x8b not really a volume")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_peft(model, "CT", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["results.csv", "scan.nii.gz"]
+    assert (folder / "results.csv").read_text() == "patient,dice\n1,0.8\n"
+    assert not list(tmp_path.glob(".work*"))  # no staging folder left behind
+
+
+def test_export_with_overwrite_adds_the_peft_files_and_keeps_every_other_file(tmp_path, model):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "results.csv").write_text("kept")
+    export_peft(model, "CT", folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                         "results.csv"]
+    assert (folder / "results.csv").read_text() == "kept"
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_export_replaces_its_own_earlier_export_but_not_a_foreign_peft_folder(tmp_path, model):
+    import safetensors.torch
+
+    from m4oe_adapters import ConfigError
+
+    folder = export_peft(model, "CT", tmp_path / "lora")
+    export_peft(model, "MRI", folder)  # our own earlier export: replaced without --overwrite
+    tensors = safetensors.torch.load_file(str(folder / "adapter_model.safetensors"))
+    layer_name, layer = next(iter(model.expert_layers.items()))
+    assert torch.equal(tensors[f"base_model.model.{layer_name}.lora_B.weight"], layer.lora_B["MRI"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(foreign / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match="did not write"):
+        export_peft(model, "CT", foreign)
+    assert json.loads((foreign / "adapter_config.json").read_text()) == {"peft_type": "LORA"}
+
+
+def test_export_into_a_new_or_empty_folder_needs_no_flag(tmp_path, model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sorted(p.name for p in export_peft(model, "CT", empty).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert (export_peft(model, "CT", tmp_path / "new" / "deeper") / "adapter_config.json").is_file()
+
+
+def test_export_peft_cli_refuses_a_users_folder_without_overwrite(tmp_path, timm_checkpoint, capsys):
+    from m4oe_adapters import save_adapter
+    from m4oe_adapters.cli import main
+
+    adapter = save_adapter(tiny_model(weights=timm_checkpoint, in_chans=3), "CT", tmp_path / "ct.safetensors")
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    code = main(["export-peft", str(adapter), str(folder), "--weights", str(timm_checkpoint)])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert main(["export-peft", str(adapter), str(folder), "--weights", str(timm_checkpoint), "--overwrite"]) == 0
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "adapter_model.safetensors").is_file()
