@@ -157,10 +157,13 @@ class ModalityExpertLinear(nn.Module):
         lora_a, lora_b = self._stack(names)
         num_experts = len(names)
         keys = torch.stack([self.router_key[name] for name in names])  # [E, in]
-        weights, logits = gate_probabilities(x, keys, state.temperature, state.top_k)  # [..., E]
+        # The gate in fp32 even under autocast: logits are distances / temperature (0.05), and bf16's 3 significant
+        # digits would move them by about 0.3.
+        with torch.autocast(x.device.type, enabled=False):
+            weights, logits = gate_probabilities(x.float(), keys.float(), state.temperature, state.top_k)  # [..., E]
         # One matmul of rank E·r, then each expert's r columns scaled by its gate weight.
         hidden = F.linear(x, lora_a.reshape(num_experts * self.rank, self.in_features))  # [..., E*r]
-        hidden = hidden.unflatten(-1, (num_experts, self.rank)) * weights.unsqueeze(-1)
+        hidden = hidden.unflatten(-1, (num_experts, self.rank)) * weights.unsqueeze(-1).to(hidden.dtype)
         stacked_b = lora_b.permute(1, 0, 2).reshape(self.out_features, num_experts * self.rank)  # [out, E*r]
         delta = F.linear(hidden.flatten(-2), stacked_b) * self.scaling
         if state.collect_aux:

@@ -325,12 +325,14 @@ class SegmentationModel(nn.Module):
         # Mixed batch: each modality's decoder runs once on its own samples.
         max_classes = max(self.modalities[name].num_classes for name in distinct)
         height, width = images.shape[-2:]
-        logits = images.new_full((images.shape[0], max_classes, height, width), float("-inf"))
+        logits = None  # allocated in the decoders' output dtype (bf16/fp16 under autocast)
         for name in distinct:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=images.device)
             subset = [feature.index_select(0, index) for feature in features]
             output = self.decoders[name](subset, images.index_select(0, index))
-            logits[index, : output.shape[1]] = output
+            if logits is None:
+                logits = output.new_full((images.shape[0], max_classes, height, width), float("-inf"))
+            logits[index, : output.shape[1]] = output.to(logits.dtype)
         return logits
 
     # ------------------------------------------------------------------------------------------ auxiliary losses

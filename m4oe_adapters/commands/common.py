@@ -43,3 +43,22 @@ def load_backbone_from_args(args: argparse.Namespace):
     return load_backbone(
         args.backbone, args.weights, in_chans=args.in_chans, img_size=args.img_size, model_args=args.model_args
     )
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
+    """``--device auto|cpu|cuda|mps`` and (for commands that run a model) ``--precision 32|bf16|16``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto",
+                       help="auto (CUDA when a GPU is visible, else CPU), cpu, cuda, cuda:N or mps")
+    if precision:
+        group.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
+                           help="arithmetic: fp32, or torch.autocast in bf16 / fp16 (fp16 training uses a gradient "
+                                "scaler); parameters and adapter files stay fp32")
+
+
+def runtime_from_args(args: argparse.Namespace):
+    """``(torch.device, precision)`` of :func:`add_runtime_arguments`' options (typed errors for unavailable
+    devices)."""
+    from ..runtime import check_precision, resolve_device
+
+    return resolve_device(getattr(args, "device", "auto")), check_precision(getattr(args, "precision", "32"))
