@@ -113,11 +113,11 @@ class SegmentationModel(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for layer in self.expert_layers.values():
             layer.add_expert(name, self.expert_config.init_std, generator)
-        device = next(self.backbone.parameters()).device
+        weight = next(self.backbone.parameters())  # the model's device and dtype (after .to()/.double())
         with torch.random.fork_rng(devices=[]):  # a seeded decoder must not reseed the caller's RNG
             if seed is not None:
                 torch.manual_seed(seed)
-            self.decoders[name] = self._new_decoder(num_classes).to(device)
+            self.decoders[name] = self._new_decoder(num_classes).to(device=weight.device, dtype=weight.dtype)
         info = ModalityInfo(name, num_classes, labels, dict(preset or {}), [int(s) for s in input_size])
         self.modalities[name] = info
         if self.active_modality is None:

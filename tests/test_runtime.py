@@ -112,3 +112,41 @@ def test_an_unknown_precision_or_unavailable_device_is_a_config_error():
         with pytest.raises(ConfigError, match="no CUDA"):
             resolve_device("cuda")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_moved_to_a_device_gives_the_same_segmentation_in_every_routing_mode(device):
+    model = tiny_model()
+    x = images()
+    cases = {"hard": dict(modality="CT"), "mixed": dict(modality=["CT", "MRI", "MRI", "CT"]),
+             "soft": dict(modality="CT", routing="soft")}
+    with torch.no_grad():
+        reference = {name: model(x, **case) for name, case in cases.items()}  # also fills the stack cache on CPU
+        model.to(device)
+        for name, case in cases.items():
+            moved = model(x.to(device), **case)
+            assert moved.device.type == torch.device(device).type
+            torch.testing.assert_close(moved.cpu(), reference[name], atol=1e-4, rtol=1e-4)
+        model.add_modality("xray", 2, seed=7)  # a modality added after the move lives on the device too
+        assert all(p.device.type == torch.device(device).type for p in model.modality_parameters("xray"))
+        model.merge("MRI")
+        model.to("cpu")
+        model.unmerge()  # the saved pre-merge weights moved with the model
+    assert model.backbone.fingerprint(recompute=True) == tiny_model().backbone.fingerprint()
+
+
+def test_after_double_every_routing_mode_computes_in_float64():
+    model = tiny_model()
+    x = images()
+    names = ["CT", "MRI", "MRI", "CT"]
+    with torch.no_grad():
+        model(x, names)  # caches the expert stacks in float32
+        model.double()
+        mixed = model(x.double(), names)
+        assert mixed.dtype == torch.float64
+        for index, name in enumerate(names):  # a sample alone takes the uncached single-expert path
+            alone = model(x[index : index + 1].double(), name)
+            # float64 agreement: float32 stacks left in the cache would differ by about 1e-7
+            torch.testing.assert_close(mixed[index, : alone.shape[1]], alone[0], atol=1e-12, rtol=1e-12)
+        model.add_modality("xray", 2, seed=7)
+        assert {p.dtype for p in model.modality_parameters("xray")} == {torch.float64}
