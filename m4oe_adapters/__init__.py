@@ -6,6 +6,7 @@ The public API. Data flows one way::
 """
 from .adapter_file import inspect_adapter, load_adapter, model_from_adapter, read_adapter, save_adapter
 from .backbones import Backbone, load_backbone
+from .checkpointing import set_gradient_checkpointing
 from .config import DecoderConfig, ExpertConfig
 from .errors import (
     AdapterError,
@@ -46,4 +47,5 @@ __all__ = [
     "model_from_adapter",
     "read_adapter",
     "save_adapter",
+    "set_gradient_checkpointing",
 ]

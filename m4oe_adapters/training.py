@@ -45,6 +45,8 @@ class TrainConfig:
         precision: ``"32"`` (fp32), ``"bf16"`` or ``"16"`` (fp16 with a gradient scaler): ``torch.autocast`` for the
             forward pass, see :mod:`~m4oe_adapters.runtime`. Parameters and saved adapters stay fp32.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; ``None`` trains where the segmenter already is.
+        gradient_checkpointing: recompute each backbone block during backward instead of keeping its activations
+            (modes ``experts`` and ``decoder``; see :mod:`~m4oe_adapters.checkpointing`).
     """
 
     steps: int = 300
@@ -59,6 +61,7 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "32"
     device: str | None = None
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -265,6 +268,13 @@ def train(
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     segmenter.to(device)
+    if config.gradient_checkpointing:
+        from .checkpointing import set_gradient_checkpointing
+
+        if not hasattr(getattr(segmenter, "model", None), "routing"):
+            raise ConfigError(f"gradient checkpointing is available in modes experts and decoder, not "
+                              f"{getattr(segmenter, 'mode', type(segmenter).__name__)}")
+        set_gradient_checkpointing(segmenter.model)
     parameters = segmenter.trainable_parameters()
     model: nn.Module = segmenter
     if world > 1:

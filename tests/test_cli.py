@@ -136,3 +136,22 @@ def test_training_runs_on_two_processes_with_gloo(sites, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and "wrote" in result.stdout
+
+
+def test_train_and_eval_run_in_bf16_with_checkpointing_on_the_chosen_device(adapter, sites, tmp_path, capsys):
+    out = tmp_path / "bf16.safetensors"
+    assert main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--steps", "2", "--batch", "2", "--size", "64", "--val", "2", "--val-every", "2",
+                 "--precision", "bf16", "--gradient-checkpointing", "--device", "auto", "-o", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["dtype"] == "fp32"  # parameters stay fp32
+    report = tmp_path / "report"
+    assert main(["eval", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--adapter",
+                 str(adapter), "--sites", "A", "--precision", "bf16", "--device", "cpu", "--out", str(report)]) == 0
+    assert (report / "metrics.json").is_file()
+    assert main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--steps", "1", "--size", "64", "--device", "tpu", "-o", str(tmp_path / "x.safetensors"),
+                 "--no-progress"]) == 2
+    assert "--device" in capsys.readouterr().err

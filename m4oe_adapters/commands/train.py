@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--output", "-o", required=True, help="adapter file (.safetensors) to write")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute backbone blocks during backward: less memory, about one more forward pass")
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch, lr=args.lr, val_every=args.val_every, patience=args.patience,
         seed=args.seed, checkpoint_every=args.checkpoint_every, precision=precision, device=str(device),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     labels = comma_list(args.labels)
     fit = fit_modality(
