@@ -8,7 +8,7 @@ label names and its preprocessing preset. :mod:`~m4oe_adapters.adapter_file` sav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -366,6 +366,3 @@ class SegmentationModel(nn.Module):
         for layer in self.expert_layers.values():
             layer.unmerge()
         self.merged_modality = None
-
-    def iter_expert_layers(self) -> Iterator[tuple[str, ModalityExpertLinear]]:
-        return iter(self.expert_layers.items())
