@@ -265,3 +265,18 @@ def test_cached_expert_stacks_follow_in_place_updates(model):
         alone = model(x[1:], "MRI")
     assert not torch.allclose(before[1], after[1])
     torch.testing.assert_close(after[1, :3], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers", "monai"])
+def test_mixed_modality_batch_equals_each_sample_alone_on_every_family(family):
+    from families import family_model
+
+    model = family_model(family)
+    x = torch.randn(3, 1, 64, 64)
+    names = ["MRI", "CT", "MRI"]
+    with torch.no_grad():
+        mixed = model(x, names)
+        for index, name in enumerate(names):
+            alone = model(x[index : index + 1], name)
+            torch.testing.assert_close(mixed[index, : alone.shape[1]], alone[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(model(x[:1], "CT")[0, :2], mixed[0, :2], atol=1e-4)  # the experts differ
