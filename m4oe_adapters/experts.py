@@ -109,7 +109,10 @@ class ModalityExpertLinear(nn.Module):
         if missing:
             raise ConfigError(f"layer {self.layer_name} has no expert for modality {missing[0]!r}")
         parameters = [self.lora_A[name] for name in names] + [self.lora_B[name] for name in names]
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))
+        # No cache inside torch.compile: the key reads storage addresses, which a traced graph cannot.
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
+        )
         if cacheable:
             key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in parameters)
             cached = self._stack_cache.get(names)

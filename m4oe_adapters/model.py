@@ -87,6 +87,7 @@ class SegmentationModel(nn.Module):
         self.modalities: dict[str, ModalityInfo] = {}
         self.active_modality: str | None = None
         self.merged_modality: str | None = None
+        self.route_by_index = False  # set by compilation.compile_model
 
     # ------------------------------------------------------------------------------------------- modalities
     def add_modality(
@@ -265,6 +266,10 @@ class SegmentationModel(nn.Module):
 
     def _hard_features(self, images: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         distinct = tuple(dict.fromkeys(names))
+        if self.route_by_index and self.merged_modality is None:
+            # Compiled backbone (see compilation.py): every loaded expert takes part and each sample's choice is an
+            # index tensor, so a modality switch changes data, not the traced Python constants (no recompile).
+            distinct = tuple(self.modalities)
         state = self.routing
         state.mode = "hard"
         state.expert_names = distinct
