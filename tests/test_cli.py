@@ -157,3 +157,35 @@ def test_train_and_eval_run_in_bf16_with_checkpointing_on_the_chosen_device(adap
                  "--steps", "1", "--size", "64", "--device", "tpu", "-o", str(tmp_path / "x.safetensors"),
                  "--no-progress"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_light_commands_do_not_import_monai_transformers_timm_or_peft(adapter):
+    code = ("import sys; from m4oe_adapters.cli import main; "
+            f"assert main(['inspect', {str(adapter)!r}]) == 0; main(['zoo', 'list']); "
+            "print(sorted(m for m in ('monai', 'transformers', 'timm', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_train_init_takes_the_zoos_reference_backbone_or_names_the_fingerprint_needed(adapter, tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from m4oe_adapters import ConfigError
+    from m4oe_adapters.commands.common import backbone_from_init_adapter
+    from m4oe_adapters.zoo import default_zoo
+
+    zoo_adapter = default_zoo() / "fundus.safetensors"
+    if zoo_adapter.is_file():
+        args = argparse.Namespace(backbone=None, weights=None, in_chans=None, init=str(zoo_adapter))
+        backbone_from_init_adapter(args)
+        assert args.backbone.startswith("timm:") and Path(args.weights).is_dir() and args.in_chans == 3
+    args = argparse.Namespace(backbone=None, weights=None, in_chans=None, init=str(adapter))  # random backbone
+    with pytest.raises(ConfigError, match="fingerprint") as error:
+        backbone_from_init_adapter(args)
+    assert str(adapter) in str(error.value) and "--weights" in str(error.value)
+    code = main(["train", "--data", "x.csv", "--modality", "xray", "-o", str(tmp_path / "a.safetensors"),
+                 "--no-progress"])
+    assert code == 2  # neither --backbone/--weights nor --init: a one-line error, not a traceback

@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
 def backbone_note(backbone) -> str:
     identity = backbone.identity()
     kind = f"pretrained weights {identity['weights']}" if identity["pretrained"] else "RANDOM weights (not pretrained)"
-    return f"backbone {identity['family']}:{identity['name']} with {kind}, fingerprint {identity['fingerprint'][:12]}"
+    from ..reporting import describe_backbone
+
+    described = describe_backbone(identity["family"], identity["name"], identity.get("model_args"))
+    return f"backbone {described} with {kind}, fingerprint {identity['fingerprint'][:12]}"
 
 
 def evaluate_adapter_from_args(args):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_backbone_arguments, add_runtime_arguments, load_backbone_from_args, runtime_from_args
+from .common import (add_backbone_arguments, add_runtime_arguments, backbone_from_init_adapter, load_backbone_from_args,
+                     runtime_from_args)
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train one modality's adapter (or a baseline) on a frozen backbone")
-    add_backbone_arguments(parser)
+    add_backbone_arguments(parser, required=False)  # required unless --init names a backbone the zoo holds
     add_data_arguments(parser)
     parser.add_argument("--modality", required=True, help="modality name (also selects manifest rows)")
     parser.add_argument("--sites", default=None, help="comma-separated training sites (default: all)")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, distributed_context
 
     device, precision = runtime_from_args(args)
+    backbone_from_init_adapter(args)
     samples = select_samples(args, args.modality, comma_list(args.sites))
     backbone_args = args
     in_chans = args.in_chans or 3
