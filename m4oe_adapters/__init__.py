@@ -6,6 +6,8 @@ The public API. Data flows one way::
 """
 from .adapter_file import inspect_adapter, load_adapter, model_from_adapter, read_adapter, save_adapter
 from .backbones import Backbone, load_backbone
+from .checkpointing import set_gradient_checkpointing
+from .compilation import compile_model
 from .config import DecoderConfig, ExpertConfig
 from .errors import (
     AdapterError,
@@ -38,6 +40,7 @@ __all__ = [
     "ModalityInfo",
     "RoutingState",
     "SegmentationModel",
+    "compile_model",
     "export_peft",
     "import_peft",
     "inspect_adapter",
@@ -46,4 +49,5 @@ __all__ = [
     "model_from_adapter",
     "read_adapter",
     "save_adapter",
+    "set_gradient_checkpointing",
 ]

@@ -524,7 +524,7 @@ def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors
         raise BackboneMismatchError(
             f"{path}: adapter has rank {expert['rank']} / alpha {expert['alpha']}, the model uses rank "
             f"{model.expert_config.rank} / alpha {model.expert_config.alpha}; build the model with the adapter's "
-            "ExpertConfig (SegmentationModel.from_adapter does)"
+            "ExpertConfig (model_from_adapter(file, weights) does)"
         )
     if DecoderConfig.from_dict(metadata["decoder"]) != model.decoder_config:
         raise BackboneMismatchError(

@@ -14,12 +14,22 @@ allocator's caching blurs differences of a few percent; the count above is exact
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward (matmuls and convolutions), divided by
 the measured step time and set against a plain ``torch.mm`` on the same machine, so the distance to the limit shows.
 That counted step is also each configuration's warm-up.
+
+Runs where users run (issue 13): the same expert training step in bf16 autocast (time, activation bytes) and with
+gradient checkpointing (time; saved bytes = what autograd keeps outside the checkpointed blocks + the inputs the
+checkpointed blocks keep, counted by a pre-hook on each block; the one block recomputed at a time during backward is
+transient and not counted); with ``compile=True`` the hard-routed model under ``torch.compile`` (inductor): compile
+time, latency against eager, and the number of recompilations while switching through the modalities and a mixed
+batch after warm-up. The modality switch is timed as forward passes that alternate modalities against passes that
+repeat one (the cost a user sees), and the start-up time of ``m4oe inspect`` in a fresh process.
 """
 from __future__ import annotations
 
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +41,9 @@ import torch.nn as nn
 from .adapter_file import load_adapter, save_adapter
 from .backbones import load_backbone
 from .config import DecoderConfig, ExpertConfig
+from .checkpointing import set_gradient_checkpointing, swin_blocks
 from .model import SegmentationModel
+from .runtime import autocast, resolve_device
 from .segmenters import BackboneSegmenter, ModalitySegmenter
 
 SWIN_T = "timm:swin_tiny_patch4_window7_224"
@@ -45,9 +57,17 @@ TARGETS = {
     "unmerged_vs_base_latency": 1.15,
     "mixed4_vs_single_latency": 1.20,
     "switch_ms": 5.0,
+    "checkpointed_vs_plain_activations": 0.5,
+    "checkpointed_vs_plain_time": 1.4,
     "adapter_load_ms": 100.0,
     "file_vs_full": 1 / 20,
 }
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer measures it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_round_robin(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -55,8 +75,10 @@ def median_round_robin(functions: dict[str, Callable[[], Any]], repeats: int, wa
     times: dict[str, list[float]] = {name: [] for name in functions}
     for round_index in range(warmup + repeats):
         for name, function in functions.items():
+            synchronize()
             started = time.perf_counter()
             function()
+            synchronize()
             elapsed = time.perf_counter() - started
             if round_index >= warmup:
                 times[name].append(elapsed)
@@ -70,10 +92,19 @@ class SavedActivations:
     weight itself, which :func:`state_bytes` counts.
     """
 
-    def __init__(self, parameters: list[torch.Tensor]) -> None:
+    def __init__(self, parameters: list[torch.Tensor], checkpointed_blocks: list[nn.Module] = ()) -> None:
         self.owned = {parameter.untyped_storage().data_ptr() for parameter in parameters}
         self.storages: dict[int, int] = {}
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        # A checkpointed block keeps its inputs outside autograd's saved tensors: count them where they enter.
+        self.blocks = list(checkpointed_blocks)
+        self.handles: list = []
+
+    def _block_inputs(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            for tensor in args:
+                if isinstance(tensor, torch.Tensor):
+                    self._pack(tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout == torch.strided and tensor.device.type != "meta":
@@ -88,9 +119,12 @@ class SavedActivations:
 
     def __enter__(self) -> "SavedActivations":
         self.hooks.__enter__()
+        self.handles = [block.register_forward_pre_hook(self._block_inputs) for block in self.blocks]
         return self
 
     def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
         self.hooks.__exit__(*exc)
 
 
@@ -104,14 +138,18 @@ def state_bytes(module: nn.Module, parameters: list[nn.Parameter]) -> int:
 class TrainCase:
     """One training configuration: a module, its trainable parameters and an AdamW step on a fixed batch."""
 
-    def __init__(self, name: str, module: nn.Module, parameters: list[nn.Parameter], images, labels) -> None:
+    def __init__(self, name: str, module: nn.Module, parameters: list[nn.Parameter], images, labels,
+                 precision: str = "32", checkpointed_blocks: list[nn.Module] = ()) -> None:
         self.name, self.module, self.parameters = name, module, parameters
         self.images, self.labels = images, labels
+        self.precision, self.checkpointed_blocks = precision, list(checkpointed_blocks)
         self.optimizer = torch.optim.AdamW(parameters, lr=1e-4)
         self.module.train()
 
     def loss(self) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.module(self.images), self.labels)
+        with autocast(self.images.device, self.precision):
+            logits = self.module(self.images)
+        return nn.functional.cross_entropy(logits.float(), self.labels)
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,7 +163,7 @@ class TrainCase:
 
         self.optimizer.zero_grad(set_to_none=True)
         with FlopCounterMode(display=False) as counter:
-            with SavedActivations(list(self.module.parameters())) as saved:
+            with SavedActivations(list(self.module.parameters()), self.checkpointed_blocks) as saved:
                 loss = self.loss()
             loss.backward()
         self.optimizer.step()
@@ -148,9 +186,9 @@ def expert_model(backbone_factory, rank: int, modalities: int) -> SegmentationMo
     return model
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> float:
     """GFLOP/s of a plain square ``torch.mm`` on this machine (the ceiling a training step's FLOP rate is held to)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     seconds = median_round_robin({"mm": lambda: torch.mm(a, b)}, repeats, warmup=2)["mm"]
     return 2 * size**3 / seconds / 1e9
 
@@ -166,23 +204,27 @@ def run_benchmark(
     experts: tuple[int, ...] = (1, 4, 8),
     repeats: int = 3,
     quick: bool = False,
+    compile: bool = False,
+    device: str = "auto",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure everything in the module docstring; returns a JSON-able report."""
     if quick:
         model_args = model_args or TINY_ARGS
         img_size, batch, repeats, experts = 64, 2, 1, (1, 4)
-    factory = lambda: build_backbone(backbone, weights, img_size, model_args)  # noqa: E731
+    device = resolve_device(device)
+    factory = lambda: build_backbone(backbone, weights, img_size, model_args).to(device)  # noqa: E731
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, img_size, img_size)
-    labels = torch.randint(0, 2, (batch, img_size, img_size))
+    images = torch.randn(batch, 3, img_size, img_size).to(device)
+    labels = torch.randint(0, 2, (batch, img_size, img_size)).to(device)
     k_many = 4 if 4 in experts else max(experts)
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "setup": {"backbone": backbone, "weights": str(weights) if weights else "none (random initialisation)",
                   "weights_given": weights is not None, "img_size": img_size,
-                  "batch": batch, "rank": rank, "experts": list(experts), "repeats": repeats, "quick": quick},
+                  "batch": batch, "rank": rank, "experts": list(experts), "repeats": repeats, "quick": quick,
+                  "device": str(device), "compile": compile},
     }
     # ------------------------------------------------------------------ training step: time and memory
     log("building training configurations")
@@ -192,6 +234,16 @@ def run_benchmark(
         segmenter = ModalitySegmenter(model, "m0")
         cases[f"experts_hard_k{k}"] = TrainCase(f"experts_hard_k{k}", segmenter, segmenter.trainable_parameters(),
                                                 images, labels)
+    model = expert_model(factory, rank, 1)
+    segmenter = ModalitySegmenter(model, "m0")
+    cases["experts_hard_k1_bf16"] = TrainCase("experts_hard_k1_bf16", segmenter, segmenter.trainable_parameters(),
+                                              images, labels, precision="bf16")
+    model = expert_model(factory, rank, 1)
+    set_gradient_checkpointing(model)
+    segmenter = ModalitySegmenter(model, "m0")
+    cases["experts_hard_k1_checkpointed"] = TrainCase(
+        "experts_hard_k1_checkpointed", segmenter, segmenter.trainable_parameters(), images, labels,
+        checkpointed_blocks=swin_blocks(model.backbone.model))
     soft_model = expert_model(factory, rank, k_many)
     soft_parameters = soft_model.train_only("m0")
     cases[f"experts_soft_k{k_many}"] = TrainCase(
@@ -210,7 +262,7 @@ def run_benchmark(
     profiles = {name: case.profile() for name, case in cases.items()}
     log(f"timing them round-robin, {repeats} repeats")
     step_times = median_round_robin({name: case.step for name, case in cases.items()}, repeats, warmup=0)
-    peak = matmul_peak_gflops(256 if quick else 2048)
+    peak = matmul_peak_gflops(256 if quick else 2048, device=device)
     training = {}
     for name, case in cases.items():
         profile = profiles[name]
@@ -234,7 +286,7 @@ def run_benchmark(
     merged.merge("m0")
     inference = {}
     for size in (1, batch):
-        x = torch.randn(size, 3, img_size, img_size)
+        x = torch.randn(size, 3, img_size, img_size).to(device)
         mixed = [f"m{i % 4}" for i in range(size)] if size >= 4 else ["m0"] * size
         with torch.no_grad():
             functions = {
@@ -251,11 +303,8 @@ def run_benchmark(
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         adapter = save_adapter(model, "m1", folder / "m1.safetensors")
-        switches = []
-        for index in range(200):
-            started = time.perf_counter()
-            model.set_modality(f"m{index % 4}")
-            switches.append(time.perf_counter() - started)
+        switch_seconds, repeat_seconds = modality_switch_times(model, torch.randn(1, 3, img_size, img_size).to(device),
+                                                               rounds=3 * repeats)
         loads = []
         for _ in range(max(repeats, 5)):
             model.remove_modality("m1")
@@ -274,15 +323,90 @@ def run_benchmark(
         rebuilt = SegmentationModel(build_backbone(backbone, checkpoint, img_size, model_args), ExpertConfig(rank=rank))
         build_seconds = time.perf_counter() - started
         del rebuilt
-        report["switch_ms"] = statistics.median(switches) * 1000
+        report["switch_ms"] = (switch_seconds - repeat_seconds) * 1000
+        report["switch_detail_ms"] = {"forward_after_a_switch": switch_seconds * 1000,
+                                      "forward_same_modality": repeat_seconds * 1000}
+        report["inspect_startup_seconds"] = command_startup_seconds(["inspect", str(adapter)])
+        report["import_torch_seconds"] = command_startup_seconds(None)
         report["adapter_load_ms"] = statistics.median(loads) * 1000
         report["build_from_checkpoint_ms"] = build_seconds * 1000
         report["file_bytes"] = {"adapter": adapter.stat().st_size, "full_finetuned_model": full_file.stat().st_size}
+    if compile:
+        log("compiling the hard-routed model (torch.compile, inductor) and timing it")
+        report["compile"] = compile_benchmark(factory, rank, batch, img_size, device, repeats)
     report["ratios"] = ratios(report, k_many)
     report["targets"] = {name: {"limit": TARGETS[name], "measured": report["ratios"].get(name),
                                 "met": report["ratios"].get(name) is not None and report["ratios"][name] <= TARGETS[name]}
                          for name in TARGETS}
     return report
+
+
+def modality_switch_times(model: SegmentationModel, image: torch.Tensor, rounds: int) -> tuple[float, float]:
+    """Median seconds of a batch-1 forward right after switching modality, and of one repeating the modality.
+
+    Each round runs four forwards of one modality, then four that each switch (m0 → m1 → m2 → m3 ...), so a
+    "same" forward never follows a switch. The difference is what a switch costs a user (expected: nothing).
+    """
+    loaded = list(model.modalities)
+    switched, repeated = [], []
+    with torch.no_grad():
+        model(image, loaded[0])
+        for round_index in range(rounds):
+            for target, name in [(repeated, loaded[0])] * 4 + [(switched, loaded[(i % (len(loaded) - 1)) + 1])
+                                                               for i in range(round_index, round_index + 4)]:
+                synchronize()
+                started = time.perf_counter()
+                model.set_modality(name)
+                model(image)
+                synchronize()
+                target.append(time.perf_counter() - started)
+            model.set_modality(loaded[0])
+            model(image)
+    return statistics.median(switched), statistics.median(repeated)
+
+
+def command_startup_seconds(arguments: list[str] | None, repeats: int = 3) -> float:
+    """Median wall seconds of ``m4oe ARGUMENTS`` in a fresh Python process (``None``: ``import torch`` alone)."""
+    code = ["-c", "import torch"] if arguments is None else ["-m", "m4oe_adapters.cli", *arguments]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *code], capture_output=True, check=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def compile_benchmark(factory, rank: int, batch: int, img_size: int, device, repeats: int) -> dict[str, Any]:
+    """Compile time, latency compiled vs eager (batch ``batch``, hard routing) and recompilations after warm-up
+    while switching through four modalities and a mixed batch (goal: 0)."""
+    from .compilation import compile_model, recompile_count
+
+    torch._dynamo.reset()
+    import copy
+
+    eager = expert_model(factory, rank, 4).eval()
+    compiled = copy.deepcopy(eager)  # the same values (expert_model draws B from the global RNG)
+    x = torch.randn(batch, 3, img_size, img_size).to(device)
+    mixed = [f"m{i % 4}" for i in range(batch)]
+    with torch.no_grad():
+        compile_model(compiled)
+        synchronize()
+        started = time.perf_counter()
+        compiled(x, "m0")
+        synchronize()
+        compile_seconds = time.perf_counter() - started
+        frames = recompile_count()
+        for name in ("m1", "m2", "m3", "m0"):
+            compiled(x, name)
+        compiled(x, mixed)
+        recompiles = recompile_count() - frames
+        reference = eager(x, "m2")
+        error = ((compiled(x, "m2") - reference).abs().max() / reference.abs().max()).item()
+        times = median_round_robin({"eager": lambda: eager(x, "m1"), "compiled": lambda: compiled(x, "m1")},
+                                   repeats, warmup=1)
+    return {"compile_seconds": compile_seconds, "eager_seconds": times["eager"],
+            "compiled_seconds": times["compiled"], "speedup": times["eager"] / times["compiled"],
+            "recompiles_after_warmup": recompiles, "max_relative_difference": error}
 
 
 class _Soft(nn.Module):
@@ -316,6 +440,16 @@ def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
         "mixed4_vs_single_latency": latency["mixed_4_modalities"] / latency["unmerged_hard"],
         "soft_vs_hard_latency": latency["soft_gate"] / latency["unmerged_hard"],
         "switch_ms": report["switch_ms"],
+        "bf16_vs_fp32_time": training["experts_hard_k1_bf16"]["step_seconds"] / training["experts_hard_k1"]["step_seconds"],
+        "bf16_vs_fp32_activations": training["experts_hard_k1_bf16"]["saved_activation_bytes"]
+        / training["experts_hard_k1"]["saved_activation_bytes"],
+        "checkpointed_vs_plain_activations": training["experts_hard_k1_checkpointed"]["saved_activation_bytes"]
+        / training["experts_hard_k1"]["saved_activation_bytes"],
+        "checkpointed_vs_plain_time": training["experts_hard_k1_checkpointed"]["step_seconds"]
+        / training["experts_hard_k1"]["step_seconds"],
+        **({"compile_speedup": report["compile"]["speedup"],
+            "compile_recompiles_after_warmup": report["compile"]["recompiles_after_warmup"]}
+           if "compile" in report else {}),
         "adapter_load_ms": report["adapter_load_ms"],
         "file_vs_full": report["file_bytes"]["adapter"] / report["file_bytes"]["full_finetuned_model"],
     }
@@ -345,7 +479,19 @@ def format_report(report: dict[str, Any]) -> str:
     for name in names:
         lines.append(f"{name:<24}" + "".join(f"{v[name]:>12.4f}" for v in report["inference_seconds"].values()))
     files = report["file_bytes"]
-    lines += ["", f"switch modality: {report['switch_ms']:.4f} ms; load one adapter file: "
+    detail = report["switch_detail_ms"]
+    lines += ["", f"switch modality: {report['switch_ms']:.3f} ms (batch-1 forward right after a switch "
+              f"{detail['forward_after_a_switch']:.2f} ms vs same modality {detail['forward_same_modality']:.2f} ms)",
+              f"start-up of `m4oe inspect FILE` in a fresh process: {report['inspect_startup_seconds']:.2f} s "
+              f"(`python -c 'import torch'` alone: {report['import_torch_seconds']:.2f} s)"]
+    if "compile" in report:
+        compiled = report["compile"]
+        lines.append(f"torch.compile (inductor, hard routing, batch {setup['batch']}): compile "
+                     f"{compiled['compile_seconds']:.1f} s, eager {compiled['eager_seconds']:.4f} s vs compiled "
+                     f"{compiled['compiled_seconds']:.4f} s (speed-up {compiled['speedup']:.2f}x), "
+                     f"{compiled['recompiles_after_warmup']} recompilations while switching through 4 modalities "
+                     f"and a mixed batch, max |difference| / max |logit| {compiled['max_relative_difference']:.1e}")
+    lines += ["", f"load one adapter file: "
               f"{report['adapter_load_ms']:.1f} ms; build the model from the backbone checkpoint: "
               f"{report['build_from_checkpoint_ms']:.0f} ms",
               f"file per modality: {files['adapter'] / 1e6:.2f} MB vs full fine-tuned model "

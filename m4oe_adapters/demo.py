@@ -56,6 +56,7 @@ def run_demo(
     from .config import DecoderConfig, ExpertConfig
     from .model import SegmentationModel
     from .reporting import overlay_png
+    from .reporting import describe_backbone
     from .zoo import default_zoo, load_reference_backbone, read_index
 
     started = time.perf_counter()
@@ -64,8 +65,9 @@ def run_demo(
     torch.manual_seed(seed)
     zoo = Path(zoo) if zoo else default_zoo()
     index = read_index(zoo)
-    log(f"[1/3] loading the reference backbone ({index['backbone']['spec']}) and {len(index['adapters'])} adapters")
     backbone = load_reference_backbone(zoo)
+    log(f"[1/3] loaded the reference backbone "
+        f"({describe_backbone(backbone.family, backbone.name, backbone.model_args)}); {len(index['adapters'])} adapters")
     first = zoo / index["adapters"][0]["file"]
     from .adapter_file import read_header
 
@@ -81,7 +83,7 @@ def run_demo(
     lines = [
         "# m4oe demo",
         "",
-        f"- backbone: `{index['backbone']['spec']}` from `adapters_zoo/{index['backbone']['path']}` "
+        f"- backbone: `{describe_backbone(backbone.family, backbone.name, backbone.model_args)}` from `adapters_zoo/{index['backbone']['path']}` "
         f"({index['backbone'].get('description', '')}), fingerprint `{backbone.fingerprint()[:12]}`",
         f"- {len(model.modalities)} adapters loaded onto it in {load_seconds * 1000:.0f} ms: "
         + ", ".join(f"{name} ({info.num_classes} classes)" for name, info in model.modalities.items()),

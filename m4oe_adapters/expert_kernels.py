@@ -23,6 +23,12 @@ Two layouts: one expert for every row (``[N, in]``, hard routing of a single-mod
 sample (``[S, T, in]`` with per-sample ``A: [S, r, in]``, ``B: [S, out, r]``, a mixed batch). Only the first-order
 gradient is implemented (``once_differentiable``). Inputs whose dtypes differ from the experts' fall back to the
 composed ops in :mod:`~m4oe_adapters.experts`.
+
+Mixed precision: under ``torch.autocast`` every operand (input, frozen weight and bias, both factors) is cast to the
+autocast dtype (bf16 or fp16) with differentiable casts, and the fused function runs with autocast off, so its
+in-place accumulation sees one dtype; the factors' gradients come back in their own dtype (fp32) through the casts,
+which is what ``GradScaler`` and the optimiser expect. Autocast alone would cast the matmuls but not the in-place
+``addmm_``/``baddbmm_``, which then fail ("self and mat2 must have the same dtype", "Bad in-place call").
 """
 from __future__ import annotations
 
@@ -115,6 +121,21 @@ class PerSampleLowRankLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would compute a linear layer in for ``x``'s device, or ``None`` outside autocast."""
+    device_type = x.device.type
+    if not x.is_floating_point() or not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _run_cast(function, dtype: torch.dtype, x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """``function`` on operands cast to ``dtype``, with autocast off inside (see the module docstring)."""
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
+    with torch.autocast(x.device.type, enabled=False):
+        return function(*cast, scaling)
+
+
 def _fusable(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in tensors)
 
@@ -167,7 +188,11 @@ def per_sample_low_rank_linear(
 
     Inference with enough rows per sample folds each sample's update into its own temporary weight
     (``[S, out, in]``, one ``baddbmm``) and runs one ``bmm``, as :func:`low_rank_linear` does for one expert.
+    Under ``torch.autocast`` it computes in the autocast dtype.
     """
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        return _run_cast(per_sample_low_rank_linear, autocast_dtype, x, weight, bias, lora_a, lora_b, scaling)
     if not _fusable(x, weight, bias, lora_a, lora_b):
         hidden = torch.bmm(x, lora_a.to(x.dtype).transpose(1, 2))
         return F.linear(x, weight, bias) + torch.bmm(hidden, lora_b.to(x.dtype).transpose(1, 2)) * scaling

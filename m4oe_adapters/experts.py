@@ -48,7 +48,8 @@ class ModalityExpertLinear(nn.Module):
         # Set by the model after injection; a plain attribute (not a submodule) shared by all layers.
         self.routing: RoutingState | None = None
         self.merged_modality: str | None = None
-        self._weight_before_merge: torch.Tensor | None = None
+        # A buffer (not saved in state dicts) so that .to(device/dtype) moves the bytes unmerge() restores.
+        self.register_buffer("_weight_before_merge", None, persistent=False)
         self._stack_cache: dict[tuple[str, ...], tuple] = {}
 
     @property
@@ -74,9 +75,12 @@ class ModalityExpertLinear(nn.Module):
         if modality in self.lora_A:
             raise ConfigError(f"layer {self.layer_name} already has an expert for modality {modality!r}")
         weight = self.base_layer.weight
-        factory = dict(device=weight.device, dtype=torch.float32)
-        lora_a = torch.randn(self.rank, self.in_features, generator=generator, **factory) * init_std
-        key = torch.randn(self.in_features, generator=generator, **factory)
+        # The experts' dtype is the layer's (fp32 unless the model was moved with .double()/.half()); drawn on the
+        # CPU (a CPU generator cannot draw on a GPU), so a seed gives the same expert on every device.
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        factory = dict(device=weight.device, dtype=dtype)
+        lora_a = (torch.randn(self.rank, self.in_features, generator=generator) * init_std).to(**factory)
+        key = torch.randn(self.in_features, generator=generator).to(**factory)
         self.lora_A[modality] = nn.Parameter(lora_a)
         self.lora_B[modality] = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
         self.router_key[modality] = nn.Parameter(key / key.norm())
@@ -96,16 +100,21 @@ class ModalityExpertLinear(nn.Module):
     def _stack(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``A: [E, r, in]`` and ``B: [E, out, r]`` of the named experts, in that order.
 
-        Without autograd (inference) the stacks are cached until an expert is replaced or changed in place (the
-        key holds each parameter's identity and version counter), so serving a mixed batch copies nothing.
+        Without autograd (inference) the stacks are cached until an expert is replaced, changed in place or moved
+        (the key holds each parameter's identity, version counter, storage address, dtype and device: ``.to()``,
+        ``.double()`` and ``.cuda()`` swap ``param.data`` without touching the version counter), so serving a mixed
+        batch copies nothing.
         """
         missing = [name for name in names if name not in self.lora_A]
         if missing:
             raise ConfigError(f"layer {self.layer_name} has no expert for modality {missing[0]!r}")
         parameters = [self.lora_A[name] for name in names] + [self.lora_B[name] for name in names]
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in parameters))
+        # No cache inside torch.compile: the key reads storage addresses, which a traced graph cannot.
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
+        )
         if cacheable:
-            key = tuple((id(p), p._version) for p in parameters)
+            key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in parameters)
             cached = self._stack_cache.get(names)
             if cached is not None and cached[0] == key:
                 return cached[1], cached[2]
@@ -157,10 +166,13 @@ class ModalityExpertLinear(nn.Module):
         lora_a, lora_b = self._stack(names)
         num_experts = len(names)
         keys = torch.stack([self.router_key[name] for name in names])  # [E, in]
-        weights, logits = gate_probabilities(x, keys, state.temperature, state.top_k)  # [..., E]
+        # The gate in fp32 even under autocast: logits are distances / temperature (0.05), and bf16's 3 significant
+        # digits would move them by about 0.3.
+        with torch.autocast(x.device.type, enabled=False):
+            weights, logits = gate_probabilities(x.float(), keys.float(), state.temperature, state.top_k)  # [..., E]
         # One matmul of rank E·r, then each expert's r columns scaled by its gate weight.
         hidden = F.linear(x, lora_a.reshape(num_experts * self.rank, self.in_features))  # [..., E*r]
-        hidden = hidden.unflatten(-1, (num_experts, self.rank)) * weights.unsqueeze(-1)
+        hidden = hidden.unflatten(-1, (num_experts, self.rank)) * weights.unsqueeze(-1).to(hidden.dtype)
         stacked_b = lora_b.permute(1, 0, 2).reshape(self.out_features, num_experts * self.rank)  # [out, E*r]
         delta = F.linear(hidden.flatten(-2), stacked_b) * self.scaling
         if state.collect_aux:

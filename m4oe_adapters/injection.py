@@ -42,12 +42,3 @@ def inject_experts(module: nn.Module, pattern: str, rank: int, alpha: float) -> 
         layers[name] = expert_layer
     return layers
 
-
-def remove_experts(module: nn.Module) -> None:
-    """Put the original linears back (undo :func:`inject_experts`)."""
-    for name, child in list(module.named_modules()):
-        if isinstance(child, ModalityExpertLinear):
-            child.unmerge()
-            parent_name, _, child_name = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, child_name, child.base_layer)

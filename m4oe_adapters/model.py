@@ -8,7 +8,7 @@ label names and its preprocessing preset. :mod:`~m4oe_adapters.adapter_file` sav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,6 +91,7 @@ class SegmentationModel(nn.Module):
         self.active_modality: str | None = None
         self._modality_chosen = False  # set_modality()/merge() name the default; otherwise images are routed
         self.merged_modality: str | None = None
+        self.route_by_index = False  # set by compilation.compile_model
 
     # ------------------------------------------------------------------------------------------- modalities
     def add_modality(
@@ -117,11 +118,11 @@ class SegmentationModel(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for layer in self.expert_layers.values():
             layer.add_expert(name, self.expert_config.init_std, generator)
-        device = next(self.backbone.parameters()).device
+        weight = next(self.backbone.parameters())  # the model's device and dtype (after .to()/.double())
         with torch.random.fork_rng(devices=[]):  # a seeded decoder must not reseed the caller's RNG
             if seed is not None:
                 torch.manual_seed(seed)
-            self.decoders[name] = self._new_decoder(num_classes).to(device)
+            self.decoders[name] = self._new_decoder(num_classes).to(device=weight.device, dtype=weight.dtype)
         info = ModalityInfo(name, num_classes, labels, dict(preset or {}), [int(s) for s in input_size])
         self.modalities[name] = info
         if self.active_modality is None:
@@ -323,6 +324,10 @@ class SegmentationModel(nn.Module):
 
     def _hard_features(self, images: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         distinct = tuple(dict.fromkeys(names))
+        if self.route_by_index and self.merged_modality is None:
+            # Compiled backbone (see compilation.py): every loaded expert takes part and each sample's choice is an
+            # index tensor, so a modality switch changes data, not the traced Python constants (no recompile).
+            distinct = tuple(self.modalities)
         state = self.routing
         state.mode = "hard"
         state.expert_names = distinct
@@ -383,12 +388,14 @@ class SegmentationModel(nn.Module):
         # Mixed batch: each modality's decoder runs once on its own samples.
         max_classes = max(self.modalities[name].num_classes for name in distinct)
         height, width = images.shape[-2:]
-        logits = images.new_full((images.shape[0], max_classes, height, width), float("-inf"))
+        logits = None  # allocated in the decoders' output dtype (bf16/fp16 under autocast)
         for name in distinct:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=images.device)
             subset = [feature.index_select(0, index) for feature in features]
             output = self.decoders[name](subset, images.index_select(0, index))
-            logits[index, : output.shape[1]] = output
+            if logits is None:
+                logits = output.new_full((images.shape[0], max_classes, height, width), float("-inf"))
+            logits[index, : output.shape[1]] = output.to(logits.dtype)
         return logits
 
     # ------------------------------------------------------------------------------------------ auxiliary losses
@@ -423,6 +430,3 @@ class SegmentationModel(nn.Module):
         for layer in self.expert_layers.values():
             layer.unmerge()
         self.merged_modality = None
-
-    def iter_expert_layers(self) -> Iterator[tuple[str, ModalityExpertLinear]]:
-        return iter(self.expert_layers.items())

@@ -15,6 +15,7 @@ from .adapt import fit_modality
 from .backbones import Backbone
 from .errors import DataError
 from .evaluation import evaluate_samples
+from .runtime import device_predictor, module_device
 from .training import TrainConfig
 
 
@@ -84,8 +85,9 @@ def run_protocol(
                 ("out", site, members) for site, members in out_domain.items()
             ]:
                 extra = {"mode": mode, "shots": tag, "domain": domain, "site": site}
+                predictor = device_predictor(fit.segmenter, module_device(fit.segmenter), train_config.precision)
                 found, bad = evaluate_samples(
-                    fit.segmenter, members, preset=fit.preset, in_chans=in_chans, num_classes=fit.num_classes,
+                    predictor, members, preset=fit.preset, in_chans=in_chans, num_classes=fit.num_classes,
                     label_names=fit.label_names, input_size=size, resize_mode=resize_mode, extra=extra,
                     keep_predictions=keep_predictions,
                 )

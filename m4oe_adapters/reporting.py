@@ -88,3 +88,23 @@ def dice_plot(summary: Sequence[dict[str, Any]], path: str | Path) -> Path | Non
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     plt.close(figure)
     return Path(path)
+
+
+ARCHITECTURE_ARGS = (("embed_dim", "embed"), ("feature_size", "feature size"), ("hidden_size", "hidden"),
+                     ("depths", "depths"), ("num_heads", "heads"), ("window_size", "window"))
+
+
+def describe_backbone(family: str, name: str, model_args: dict[str, Any] | None) -> str:
+    """``family:name`` with the architecture arguments it was built with, e.g.
+    ``timm:swin_tiny_patch4_window7_224 (embed 48, depths 2-2-6-2, heads 3-6-12-24, window 7)``.
+
+    The family's name alone names the published defaults (Swin-T: embed 96); a backbone built with overrides, such
+    as the zoo's reference backbone, must not be reported as that published model.
+    """
+    parts = []
+    for key, label in ARCHITECTURE_ARGS:
+        value = (model_args or {}).get(key)
+        if value is None:
+            continue
+        parts.append(f"{label} {'-'.join(str(v) for v in value) if isinstance(value, (list, tuple)) else value}")
+    return f"{family}:{name}" + (f" ({', '.join(parts)})" if parts else "")

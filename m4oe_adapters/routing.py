@@ -72,11 +72,6 @@ class RoutingState:
     def active(self) -> bool:
         return len(self.expert_names) > 0
 
-    def clear_losses(self) -> None:
-        self.aux_losses = []
-        self.gate_losses = []
-        self.gate_weights = {}
-
 
 def rows_per_sample(leading: int, batch_size: int, layer_name: str) -> int:
     """How many leading rows of a layer input belong to one sample.

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .adapter_file import atomic_write
 from .errors import ConfigError, DataError
+from .runtime import autocast, check_precision, grad_scaler, module_device, resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -41,6 +42,11 @@ class TrainConfig:
         seed: makes two runs identical.
         checkpoint_every: write ``checkpoint.pt`` every this many steps (0: never).
         log_every: write a CSV row every this many steps.
+        precision: ``"32"`` (fp32), ``"bf16"`` or ``"16"`` (fp16 with a gradient scaler): ``torch.autocast`` for the
+            forward pass, see :mod:`~m4oe_adapters.runtime`. Parameters and saved adapters stay fp32.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; ``None`` trains where the segmenter already is.
+        gradient_checkpointing: recompute each backbone block during backward instead of keeping its activations
+            (modes ``experts`` and ``decoder``; see :mod:`~m4oe_adapters.checkpointing`).
     """
 
     steps: int = 300
@@ -53,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     log_every: int = 10
+    precision: str = "32"
+    device: str | None = None
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -139,8 +148,9 @@ def dice_ce_loss(num_classes: int):
 
 
 @torch.no_grad()
-def validation_dice(segmenter: nn.Module, dataset, num_classes: int, batch_size: int = 4) -> float:
-    """Mean foreground Dice (MONAI ``DiceMetric``, background excluded) over a validation dataset."""
+def validation_dice(segmenter: nn.Module, dataset, num_classes: int, batch_size: int = 4, precision: str = "32") -> float:
+    """Mean foreground Dice (MONAI ``DiceMetric``, background excluded) over a validation dataset, computed on the
+    segmenter's device under ``precision`` (see :mod:`~m4oe_adapters.runtime`)."""
     from monai.metrics import DiceMetric
 
     if dataset is None or len(dataset) == 0:
@@ -148,11 +158,13 @@ def validation_dice(segmenter: nn.Module, dataset, num_classes: int, batch_size:
     metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
     was_training = segmenter.training
     segmenter.eval()
+    device = module_device(segmenter)
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = segmenter(batch["image"])
+        with autocast(device, precision):
+            logits = segmenter(batch["image"].to(device))
         prediction = one_hot(logits.argmax(1, keepdim=True), num_classes)
-        metric(prediction, one_hot(batch["label"], num_classes))
+        metric(prediction, one_hot(batch["label"].to(device), num_classes))
     segmenter.train(was_training)
     value = metric.aggregate().item()
     return float(value)
@@ -203,7 +215,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
 
 
-def save_checkpoint(path: Path, segmenter, optimizer, scheduler, sampler, step, best, best_state, history) -> None:
+def save_checkpoint(path: Path, segmenter, optimizer, scheduler, sampler, step, best, best_state, history,
+                    scaler=None) -> None:
     state = {
         "model": segmenter.checkpoint_state(),
         "best_model": best_state if best_state is not None else {},
@@ -215,6 +228,8 @@ def save_checkpoint(path: Path, segmenter, optimizer, scheduler, sampler, step, 
         "rng": rng_state(),
         "history": [{k: float(v) for k, v in row.items()} for row in history],
     }
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()  # fp16: the loss scale continues where it was
     atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 
@@ -248,12 +263,25 @@ def train(
         raise ConfigError("steps and batch_size must be at least 1")
     rank, world = distributed_context()
     seed_everything(config.seed)
+    check_precision(config.precision)
+    device = resolve_device(config.device) if config.device else module_device(segmenter)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    segmenter.to(device)
+    if config.gradient_checkpointing:
+        from .checkpointing import set_gradient_checkpointing
+
+        if not hasattr(getattr(segmenter, "model", None), "routing"):
+            raise ConfigError(f"gradient checkpointing is available in modes experts and decoder, not "
+                              f"{getattr(segmenter, 'mode', type(segmenter).__name__)}")
+        set_gradient_checkpointing(segmenter.model)
     parameters = segmenter.trainable_parameters()
     model: nn.Module = segmenter
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(segmenter)
+        model = DistributedDataParallel(segmenter, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = grad_scaler(device, config.precision)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.warmup, config.steps)
     sampler = EpochSampler(len(train_dataset), config.seed, rank, world)
@@ -273,6 +301,8 @@ def train(
         best_step = int(max((row["step"] for row in history if row.get("val_dice") == best), default=0))
         set_rng_state(state["rng"])
         best_state = state["best_model"] or None
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -288,13 +318,19 @@ def train(
         items = [fetch(train_dataset, index, sample_seed(config.seed, epoch, index))
                  for epoch, index in sampler.take(config.batch_size)]
         batch = collate(items)
-        logits = model(batch["image"])
-        loss = loss_function(logits, batch["label"])
+        images, labels = batch["image"], batch["label"]
+        if device.type == "cuda":  # pinned pages copy to the GPU asynchronously
+            images, labels = images.pin_memory(), labels.pin_memory()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, config.precision):
+            logits = model(images)
+        loss = loss_function(logits.float(), labels)  # the loss in fp32 (softmax and log of small probabilities)
         if not torch.isfinite(loss):
             raise DataError(f"training loss became {loss.item()} at step {step}; check the images ({batch['path']})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16: the scaled loss; otherwise unchanged
+        scaler.step(optimizer)  # skips the step if the scaled gradients overflowed
+        scaler.update()
         scheduler.step()
         step += 1
         row = {"step": step, "loss": float(loss.item()), "lr": scheduler.get_last_lr()[0],
@@ -302,7 +338,7 @@ def train(
         validate = config.val_every and step % config.val_every == 0 or step == config.steps
         if validate and val_dataset is not None and len(val_dataset) > 0:
             segmenter.set_training_behaviour(False)
-            last_dice = validation_dice(segmenter, val_dataset, num_classes, config.batch_size)
+            last_dice = validation_dice(segmenter, val_dataset, num_classes, config.batch_size, config.precision)
             segmenter.set_training_behaviour(True)
             row["val_dice"] = last_dice
             if last_dice > best:
@@ -314,10 +350,13 @@ def train(
             history.append(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{last_dice:.3f}")
+            postfix = {"loss": f"{row['loss']:.3f}"}
+            if not math.isnan(last_dice):  # no validation yet: no Dice to show (was "dice=nan")
+                postfix["dice"] = f"{last_dice:.3f}"
+            bar.set_postfix(postfix)
         if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0 and rank == 0:
             save_checkpoint(
-                checkpoint_path, segmenter, optimizer, scheduler, sampler, step, best, best_state, history
+                checkpoint_path, segmenter, optimizer, scheduler, sampler, step, best, best_state, history, scaler
             )
         if on_step is not None:
             on_step(step, row)

@@ -12,15 +12,20 @@ def test_bench_quick_writes_every_field(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["training"]) == {
         "experts_hard_k1", "experts_hard_k4", "experts_soft_k4", "experts_soft_k4_top2",
-        "peft_lora", "full_finetune", "decoder_only",
+        "peft_lora", "full_finetune", "decoder_only", "experts_hard_k1_bf16", "experts_hard_k1_checkpointed",
     }
     for row in report["training"].values():
         assert row["step_seconds"] > 0 and row["total_bytes"] == row["saved_activation_bytes"] + row["state_bytes"]
         assert 0 < row["trainable_share"] <= 1 and row["gflop_per_step"] > 0 and row["share_of_matmul_peak"] > 0
     for batch in report["inference_seconds"].values():
         assert set(batch) == {"frozen_base", "merged", "unmerged_hard", "mixed_4_modalities", "soft_gate"}
-    assert report["matmul_peak_gflops"] > 0 and report["adapter_load_ms"] > 0 and report["switch_ms"] >= 0
-    assert set(report["targets"]) == set(report["ratios"]) - {"lora_vs_full_memory", "soft_vs_hard_latency"}
+    assert report["matmul_peak_gflops"] > 0 and report["adapter_load_ms"] > 0
+    assert set(report["targets"]) == set(report["ratios"]) - {
+        "lora_vs_full_memory", "soft_vs_hard_latency", "bf16_vs_fp32_time", "bf16_vs_fp32_activations"}
+    assert report["inspect_startup_seconds"] > 0 and report["import_torch_seconds"] > 0
+    detail = report["switch_detail_ms"]  # the switch is timed as forward passes, not as an attribute assignment
+    assert detail["forward_after_a_switch"] > 0.1 and detail["forward_same_modality"] > 0.1
+    assert "compile" not in report
     assert report["training"]["full_finetune"]["trainable_share"] == 1.0
     assert report["setup"]["weights_given"] is False and "random" in report["setup"]["weights"]
     printed = capsys.readouterr().out

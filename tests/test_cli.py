@@ -126,7 +126,9 @@ def test_bad_adapter_gives_a_one_line_error_and_exit_code_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_training_runs_on_two_processes_with_gloo(sites, tmp_path):
+def test_train_command_completes_under_torchrun_and_rank_0_writes_the_adapter(sites, tmp_path):
+    """The CLI path under torchrun; the weights themselves are checked against a one-process run in
+    tests/test_training.py."""
     out = tmp_path / "ddp.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "m4oe_adapters.cli", "train", *TINY, "--data", str(sites / "manifest.csv"), "--modality",
@@ -136,3 +138,54 @@ def test_training_runs_on_two_processes_with_gloo(sites, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and "wrote" in result.stdout
+
+
+def test_train_and_eval_run_in_bf16_with_checkpointing_on_the_chosen_device(adapter, sites, tmp_path, capsys):
+    out = tmp_path / "bf16.safetensors"
+    assert main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--steps", "2", "--batch", "2", "--size", "64", "--val", "2", "--val-every", "2",
+                 "--precision", "bf16", "--gradient-checkpointing", "--device", "auto", "-o", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["dtype"] == "fp32"  # parameters stay fp32
+    report = tmp_path / "report"
+    assert main(["eval", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--adapter",
+                 str(adapter), "--sites", "A", "--precision", "bf16", "--device", "cpu", "--out", str(report)]) == 0
+    assert (report / "metrics.json").is_file()
+    assert main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--steps", "1", "--size", "64", "--device", "tpu", "-o", str(tmp_path / "x.safetensors"),
+                 "--no-progress"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_light_commands_do_not_import_monai_transformers_timm_or_peft(adapter):
+    code = ("import sys; from m4oe_adapters.cli import main; "
+            f"assert main(['inspect', {str(adapter)!r}]) == 0; main(['zoo', 'list']); "
+            "print(sorted(m for m in ('monai', 'transformers', 'timm', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_train_init_takes_the_zoos_reference_backbone_or_names_the_fingerprint_needed(adapter, tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from m4oe_adapters import ConfigError
+    from m4oe_adapters.commands.common import backbone_from_init_adapter
+    from m4oe_adapters.zoo import default_zoo
+
+    zoo_adapter = default_zoo() / "fundus.safetensors"
+    if zoo_adapter.is_file():
+        args = argparse.Namespace(backbone=None, weights=None, in_chans=None, init=str(zoo_adapter))
+        backbone_from_init_adapter(args)
+        assert args.backbone.startswith("timm:") and Path(args.weights).is_dir() and args.in_chans == 3
+    args = argparse.Namespace(backbone=None, weights=None, in_chans=None, init=str(adapter))  # random backbone
+    with pytest.raises(ConfigError, match="fingerprint") as error:
+        backbone_from_init_adapter(args)
+    assert str(adapter) in str(error.value) and "--weights" in str(error.value)
+    code = main(["train", "--data", "x.csv", "--modality", "xray", "-o", str(tmp_path / "a.safetensors"),
+                 "--no-progress"])
+    assert code == 2  # neither --backbone/--weights nor --init: a one-line error, not a traceback

@@ -64,31 +64,73 @@ def test_experts_change_the_features(model):
     assert not torch.allclose(ct, mri)
 
 
-def test_soft_gate_weights_sum_to_one_and_top_k_keeps_k(model):
+def test_soft_gate_weights_the_layer_uses_sum_to_one_and_top_k_keeps_k(model, monkeypatch):
+    import m4oe_adapters.experts as experts
+
     model.add_modality("xray", 2, seed=5)
-    layer = next(iter(model.expert_layers.values()))
-    captured = {}
+    used = []
+    real = experts.gate_probabilities
 
-    def hook(module, inputs, output):
-        captured["x"] = inputs[0]
+    def recording(*args, **kwargs):  # the weights each layer really multiplies its experts by
+        weights, logits = real(*args, **kwargs)
+        used.append(weights)
+        return weights, logits
 
-    handle = layer.register_forward_hook(hook)
+    monkeypatch.setattr(experts, "gate_probabilities", recording)
     with torch.no_grad():
         model(torch.randn(2, 1, 64, 64), "CT", routing="soft", top_k=2)
-    handle.remove()
-    from m4oe_adapters.routing import gate_probabilities
-
-    keys = torch.stack([layer.router_key[n] for n in model.modalities])
-    weights, _ = gate_probabilities(captured["x"], keys, 0.05, top_k=2)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
-    assert ((weights > 0).sum(-1) <= 2).all()
+    assert len(used) == len(model.expert_layers)
+    for weights in used:
+        assert weights.shape[-1] == 3
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert ((weights > 0).sum(-1) <= 2).all() and ((weights > 0).sum(-1) >= 1).all()
 
 
-def test_soft_routing_with_a_single_expert_equals_hard_routing():
-    model = tiny_model(modalities=("CT",))
-    x = torch.randn(2, 1, 64, 64)
+def soft_layer(keys: dict[str, torch.Tensor]):
+    """One expert layer (16 -> 8, rank 2) with experts CT and MRI, non-zero B, the given router keys, and a soft
+    routing state over both."""
+    from m4oe_adapters.experts import ModalityExpertLinear
+    from m4oe_adapters.routing import RoutingState
+
+    generator = torch.Generator().manual_seed(0)
+    layer = ModalityExpertLinear(torch.nn.Linear(16, 8), rank=2, alpha=4)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, "CT", routing="soft"), model(x, "CT"), atol=1e-5, rtol=0)
+        for name in ("CT", "MRI"):
+            layer.add_expert(name, generator=generator)
+            layer.lora_B[name].normal_(0, 1, generator=generator)
+            layer.router_key[name].copy_(keys[name])
+    layer.routing = RoutingState(mode="soft", expert_names=("CT", "MRI"), batch_size=2)
+    return layer
+
+
+def hard_output(layer, x, name):
+    from m4oe_adapters.routing import RoutingState
+
+    state = layer.routing
+    layer.routing = RoutingState(mode="hard", expert_names=(name,), batch_size=2)
+    try:
+        return layer(x)
+    finally:
+        layer.routing = state
+
+
+def test_soft_routing_with_a_far_away_key_equals_hard_routing_on_the_other_expert():
+    unit = torch.nn.functional.normalize(torch.ones(16), dim=0)
+    layer = soft_layer({"CT": unit, "MRI": 100 * unit})  # |k|^2 = 1e4: MRI's gate weight underflows to 0
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), hard_output(layer, x, "CT"), atol=1e-5, rtol=0)
+        assert not torch.allclose(layer(x), hard_output(layer, x, "MRI"), atol=1e-3)
+
+
+def test_soft_routing_with_equal_keys_averages_the_two_experts():
+    unit = torch.nn.functional.normalize(torch.ones(16), dim=0)
+    layer = soft_layer({"CT": unit, "MRI": unit.clone()})  # equal distances: weights 1/2 and 1/2
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        mixed = (hard_output(layer, x, "CT") + hard_output(layer, x, "MRI")) / 2
+        torch.testing.assert_close(layer(x), mixed, atol=1e-5, rtol=0)
+        assert not torch.allclose(layer(x), hard_output(layer, x, "CT"), atol=1e-3)
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_larger_when_collapsed():
@@ -180,11 +222,16 @@ def test_merge_matches_unmerged_and_unmerge_restores_exact_bytes(model):
     assert torch.equal(after, unmerged)
 
 
-def test_switching_modality_copies_no_tensor(model):
+def test_switching_modality_changes_what_runs_and_copies_no_tensor(model):
+    x = torch.randn(1, 1, 64, 64)
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
-    model.set_modality("MRI")
-    assert model.active_modality == "MRI"
-    model.set_modality("CT")
+    with torch.no_grad():
+        model.set_modality("MRI")
+        as_mri = model(x)  # no modality given: the active one
+        assert torch.equal(as_mri, model(x, "MRI")) and as_mri.shape[1] == 3
+        model.set_modality("CT")
+        as_ct = model(x)
+        assert torch.equal(as_ct, model(x, "CT")) and as_ct.shape[1] == 2
     assert pointers == {name: p.data_ptr() for name, p in model.named_parameters()}
 
 
@@ -218,3 +265,18 @@ def test_cached_expert_stacks_follow_in_place_updates(model):
         alone = model(x[1:], "MRI")
     assert not torch.allclose(before[1], after[1])
     torch.testing.assert_close(after[1, :3], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers", "monai"])
+def test_mixed_modality_batch_equals_each_sample_alone_on_every_family(family):
+    from families import family_model
+
+    model = family_model(family)
+    x = torch.randn(3, 1, 64, 64)
+    names = ["MRI", "CT", "MRI"]
+    with torch.no_grad():
+        mixed = model(x, names)
+        for index, name in enumerate(names):
+            alone = model(x[index : index + 1], name)
+            torch.testing.assert_close(mixed[index, : alone.shape[1]], alone[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(model(x[:1], "CT")[0, :2], mixed[0, :2], atol=1e-4)  # the experts differ

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import json_mapping
+from .common import add_runtime_arguments, json_mapping, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -20,6 +20,10 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="round-robin repeats per comparison (medians); lower it if training steps are slow")
     parser.add_argument("--quick", action="store_true", help="a tiny model in seconds (for tests)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the hard-routed model under torch.compile (inductor) and count recompilations "
+                             "on modality switches (compiling takes minutes on a CPU)")
+    add_runtime_arguments(parser, precision=False)
     parser.add_argument("--out", default="bench.json", help="JSON report")
     parser.set_defaults(func=run)
 
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(
         backbone=args.backbone, weights=None if args.weights == "none" else args.weights,
         model_args=args.model_args, img_size=args.img_size, batch=args.batch, rank=args.rank,
-        experts=experts, repeats=args.repeats, quick=args.quick,
+        experts=experts, repeats=args.repeats, quick=args.quick, compile=args.compile,
+        device=str(runtime_from_args(args)[0]),
     )
     report["command"] = "m4oe " + " ".join(args.argv)
     print(format_report(report))

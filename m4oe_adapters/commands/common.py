@@ -43,3 +43,52 @@ def load_backbone_from_args(args: argparse.Namespace):
     return load_backbone(
         args.backbone, args.weights, in_chans=args.in_chans, img_size=args.img_size, model_args=args.model_args
     )
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, precision: bool = True) -> None:
+    """``--device auto|cpu|cuda|mps`` and (for commands that run a model) ``--precision 32|bf16|16``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto",
+                       help="auto (CUDA when a GPU is visible, else CPU), cpu, cuda, cuda:N or mps")
+    if precision:
+        group.add_argument("--precision", default="32", choices=["32", "bf16", "16"],
+                           help="arithmetic: fp32, or torch.autocast in bf16 / fp16 (fp16 training uses a gradient "
+                                "scaler); parameters and adapter files stay fp32")
+
+
+def runtime_from_args(args: argparse.Namespace):
+    """``(torch.device, precision)`` of :func:`add_runtime_arguments`' options (typed errors for unavailable
+    devices)."""
+    from ..runtime import check_precision, resolve_device
+
+    return resolve_device(getattr(args, "device", "auto")), check_precision(getattr(args, "precision", "32"))
+
+
+def backbone_from_init_adapter(args: argparse.Namespace, zoo=None) -> None:
+    """``--init ADAPTER`` without ``--backbone``/``--weights``: use the zoo's reference backbone when its
+    fingerprint is the one the adapter was trained on; otherwise a :class:`ConfigError` naming the fingerprint
+    needed. Fills ``args.backbone``, ``args.weights`` (and ``args.in_chans``) in place; a no-op when both are given."""
+    if args.backbone and args.weights:
+        return
+    if not getattr(args, "init", None):
+        raise ConfigError("--backbone and --weights are required (or --init ADAPTER, whose backbone is then used)")
+    from ..adapter_file import read_header
+    from ..errors import M4oEError
+    from ..zoo import backbone_weights, read_index
+
+    metadata, _ = read_header(args.init)
+    wanted = metadata["backbone"]
+    try:
+        reference = read_index(zoo)["backbone"]
+        weights = backbone_weights(zoo)
+    except M4oEError:
+        reference, weights = None, None
+    if reference is None or reference.get("fingerprint") != wanted["fingerprint"]:
+        raise ConfigError(
+            f"{args.init}: trained on backbone {wanted['family']}:{wanted['name']} with fingerprint "
+            f"{wanted['fingerprint']} (weights {wanted.get('weights')}), which is not the zoo's reference backbone; "
+            "pass --backbone and --weights of that checkpoint"
+        )
+    args.backbone = args.backbone or reference["spec"]
+    args.weights = args.weights or str(weights)
+    args.in_chans = args.in_chans or metadata.get("in_chans")

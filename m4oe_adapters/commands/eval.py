@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_backbone_arguments, load_backbone_from_args
+from .common import add_backbone_arguments, add_runtime_arguments, load_backbone_from_args, runtime_from_args
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--out", required=True, help="report folder (report.md, metrics.csv/json, PNGs)")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -60,13 +61,16 @@ def backbone_note(backbone) -> str:
 def evaluate_adapter_from_args(args):
     from ..adapter_file import model_from_adapter
     from ..evaluation import evaluate_samples
+    from ..runtime import device_predictor
 
+    device, precision = runtime_from_args(args)
     backbone = load_backbone_from_args(args) if args.backbone else None
-    model = model_from_adapter(args.adapter, args.weights, backbone=backbone).eval()
+    model = model_from_adapter(args.adapter, args.weights, backbone=backbone).eval().to(device)
     info = model.modalities[args.modality] if args.modality in model.modalities else next(iter(model.modalities.values()))
     samples = select_samples(args, args.modality, comma_list(args.sites))
     rows, skipped = evaluate_samples(
-        lambda x: model(x, info.name), samples, preset=info.preset, in_chans=model.backbone.in_chans,
+        device_predictor(lambda x: model(x, info.name), device, precision), samples, preset=info.preset,
+        in_chans=model.backbone.in_chans,
         num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": info.provenance.get("mode", "experts")},
         keep_predictions=True,
@@ -81,6 +85,7 @@ def run_protocol_from_args(args):
     from ..protocol import run_protocol
     from ..training import TrainConfig
 
+    device, precision = runtime_from_args(args)
     train_sites = comma_list(args.train_sites)
     test_sites = comma_list(args.test_sites) or []
     samples = select_samples(args, args.modality, train_sites + test_sites)
@@ -91,7 +96,7 @@ def run_protocol_from_args(args):
         lambda: load_backbone_from_args(args), samples, args.modality, train_sites=train_sites,
         test_sites=test_sites, modes=modes, shots=shots,
         train_config=TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                                 val_every=max(1, args.steps // 6)),
+                                 val_every=max(1, args.steps // 6), precision=precision, device=str(device)),
         in_chans=probe.in_chans if probe else (args.in_chans or 3), size=(args.size, args.size),
         resize_mode=args.resize, val_count=args.val, expert_config=ExpertConfig(rank=args.rank),
         max_test_images=args.max_test_images, save_dir=args.save_adapters, progress=not args.no_progress,

@@ -44,6 +44,7 @@ def backbone_lines(backbone: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..adapter_file import inspect_adapter
+    from ..reporting import describe_backbone
 
     report = inspect_adapter(args.file)
     if args.json:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         f"input           {meta['in_chans']} channel(s), {meta['input_size'][0]}x{meta['input_size'][1]} px",
         f"experts         rank {meta['expert']['rank']}, alpha {meta['expert']['alpha']}, "
         f"{report['expert_layers']} layers matching {meta['expert']['target_pattern']}",
-        f"backbone        {backbone['family']}:{backbone['name']} "
+        f"backbone        {describe_backbone(backbone['family'], backbone['name'], backbone.get('model_args'))} "
         f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
         *backbone_lines(backbone),
         f"fingerprint     {backbone['fingerprint']}",

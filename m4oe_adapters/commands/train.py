@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_backbone_arguments, load_backbone_from_args
+from .common import (add_backbone_arguments, add_runtime_arguments, backbone_from_init_adapter, load_backbone_from_args,
+                     runtime_from_args)
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train one modality's adapter (or a baseline) on a frozen backbone")
-    add_backbone_arguments(parser)
+    add_backbone_arguments(parser, required=False)  # required unless --init names a backbone the zoo holds
     add_data_arguments(parser)
     parser.add_argument("--modality", required=True, help="modality name (also selects manifest rows)")
     parser.add_argument("--sites", default=None, help="comma-separated training sites (default: all)")
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--output", "-o", required=True, help="adapter file (.safetensors) to write")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute backbone blocks during backward: less memory, about one more forward pass")
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ExpertConfig
     from ..training import TrainConfig, distributed_context
 
+    device, precision = runtime_from_args(args)
+    backbone_from_init_adapter(args)
     samples = select_samples(args, args.modality, comma_list(args.sites))
     backbone_args = args
     in_chans = args.in_chans or 3
@@ -53,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).stem + "_run")
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch, lr=args.lr, val_every=args.val_every, patience=args.patience,
-        seed=args.seed, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, precision=precision, device=str(device),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     labels = comma_list(args.labels)
     fit = fit_modality(

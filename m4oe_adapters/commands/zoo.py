@@ -13,6 +13,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def reference_backbone_name(zoo, entry: dict) -> str:
+    """The spec with the architecture the backbone folder's ``config.json`` records (a JSON read, no model)."""
+    from pathlib import Path
+
+    from ..reporting import describe_backbone
+    from ..zoo import default_zoo
+
+    family, _, name = entry["spec"].partition(":")
+    config = Path(zoo or default_zoo()) / entry["path"] / "config.json"
+    try:
+        model_args = json.loads(config.read_text()).get("model_args")
+    except (OSError, ValueError, AttributeError):
+        model_args = None
+    return describe_backbone(family, name, model_args)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..zoo import read_index, verify
@@ -20,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     index = read_index(args.zoo)
     if args.action == "list":
         backbone = index["backbone"]
-        print(f"backbone  {backbone['spec']}  {backbone['path']}  fingerprint {backbone['fingerprint'][:12]}  "
+        print(f"backbone  {reference_backbone_name(args.zoo, backbone)}  {backbone['path']}  fingerprint {backbone['fingerprint'][:12]}  "
               f"({backbone.get('description', '')})")
         print(f"{'modality':<22}{'file':<36}{'MB':>6}  {'val Dice':>8}  {'unseen-site Dice':>16}  labels")
         for entry in index["adapters"]:
