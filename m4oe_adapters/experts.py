@@ -51,6 +51,9 @@ class ModalityExpertLinear(nn.Module):
         # A buffer (not saved in state dicts) so that .to(device/dtype) moves the bytes unmerge() restores.
         self.register_buffer("_weight_before_merge", None, persistent=False)
         self._stack_cache: dict[tuple[str, ...], tuple] = {}
+        # Router-key updates seen per expert: the running mean is bias-corrected (cumulative while few tokens were
+        # seen), so a new key holds nothing of its random start after its first update.
+        self._key_updates: dict[str, int] = {}
 
     @property
     def in_features(self) -> int:
@@ -84,6 +87,7 @@ class ModalityExpertLinear(nn.Module):
         self.lora_A[modality] = nn.Parameter(lora_a)
         self.lora_B[modality] = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
         self.router_key[modality] = nn.Parameter(key / key.norm())
+        self._key_updates[modality] = 0
         self._stack_cache.clear()
 
     def remove_expert(self, modality: str) -> None:
@@ -91,6 +95,7 @@ class ModalityExpertLinear(nn.Module):
             raise ConfigError(f"modality {modality!r} is merged into {self.layer_name}; call unmerge() first")
         for table in (self.lora_A, self.lora_B, self.router_key):
             del table[modality]
+        self._key_updates.pop(modality, None)
         self._stack_cache.clear()
 
     @property
@@ -158,6 +163,9 @@ class ModalityExpertLinear(nn.Module):
         per_sample = x.reshape(batch, -1, self.in_features)  # [B, rows * tokens, in]
         sample_a = lora_a.index_select(0, state.sample_expert)  # [B, r, in]
         sample_b = lora_b.index_select(0, state.sample_expert)  # [B, out, r]
+        if state.update_keys and self.training:  # each expert's key learns from its own samples' tokens
+            for slot, name in enumerate(names):
+                self._update_router_key(name, per_sample[state.sample_expert == slot], state.key_momentum)
         output = per_sample_low_rank_linear(per_sample, weight, bias, sample_a, sample_b, self.scaling)
         return output.reshape(*x.shape[:-1], self.out_features)
 
@@ -190,9 +198,21 @@ class ModalityExpertLinear(nn.Module):
 
     @torch.no_grad()
     def _update_router_key(self, name: str, x: torch.Tensor, momentum: float) -> None:
+        """Move the key towards the mean normalised token of ``x``: a cumulative mean over the first updates
+        (weight ``1 / (t + 1)`` for update ``t``), then an exponential moving average with ``momentum``. A key
+        loaded from a file counts as fully trained (see :meth:`mark_keys_trained`)."""
+        if x.numel() == 0:
+            return
         mean_token = F.normalize(x.detach().reshape(-1, self.in_features).float(), dim=-1).mean(dim=0)
+        seen = self._key_updates.get(name, 0)
+        keep = min(momentum, seen / (seen + 1))
         key = self.router_key[name]
-        key.mul_(momentum).add_(mean_token, alpha=1 - momentum)
+        key.mul_(keep).add_(mean_token.to(key.dtype), alpha=1 - keep)
+        self._key_updates[name] = seen + 1
+
+    def mark_keys_trained(self, modality: str) -> None:
+        """The key came from a trained adapter: further updates continue its moving average."""
+        self._key_updates[modality] = 1 << 30
 
     # ------------------------------------------------------------------------------------------ merge/unmerge
     def delta_weight(self, modality: str) -> torch.Tensor:

@@ -232,6 +232,8 @@ class SegmentationModel(nn.Module):
         own = self.modality_tensors(name)
         for key, target in own.items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+        for layer in self.expert_layers.values():
+            layer.mark_keys_trained(name)
 
     def train_only(self, name: str) -> list[nn.Parameter]:
         """Freeze everything except modality ``name``'s parameters, which are returned for the optimiser."""

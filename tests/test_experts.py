@@ -280,3 +280,31 @@ def test_mixed_modality_batch_equals_each_sample_alone_on_every_family(family):
             alone = model(x[index : index + 1], name)
             torch.testing.assert_close(mixed[index, : alone.shape[1]], alone[0], atol=1e-5, rtol=0)
         assert not torch.allclose(model(x[:1], "CT")[0, :2], mixed[0, :2], atol=1e-4)  # the experts differ
+
+
+def test_a_new_router_key_keeps_nothing_of_its_random_start_after_one_update():
+    from m4oe_adapters.experts import ModalityExpertLinear
+
+    layer = ModalityExpertLinear(torch.nn.Linear(8, 8), rank=2, alpha=2)
+    layer.add_expert("CT", generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(4, 5, 8)
+    layer._update_router_key("CT", tokens, momentum=0.99)
+    expected = torch.nn.functional.normalize(tokens.reshape(-1, 8), dim=-1).mean(0)
+    torch.testing.assert_close(layer.router_key["CT"].detach(), expected)
+    layer.mark_keys_trained("CT")  # a key from a file keeps moving slowly
+    before = layer.router_key["CT"].detach().clone()
+    layer._update_router_key("CT", torch.randn(4, 5, 8), momentum=0.99)
+    assert (layer.router_key["CT"].detach() - before).norm() < 0.05 * before.norm()
+
+
+def test_mixed_batch_training_moves_each_experts_key_with_its_own_samples():
+    from conftest import tiny_model
+
+    model = tiny_model(modalities=("CT", "MRI"))
+    model.train()
+    model.routing.update_keys = True
+    layer = next(iter(model.expert_layers.values()))
+    before = {name: layer.router_key[name].detach().clone() for name in ("CT", "MRI")}
+    model(torch.rand(3, 1, 64, 64), modality=["CT", "MRI", "CT"])
+    for name in ("CT", "MRI"):
+        assert not torch.equal(layer.router_key[name].detach(), before[name])
