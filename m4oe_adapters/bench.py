@@ -56,6 +56,7 @@ TARGETS = {
     "merged_vs_base_latency": 1.02,
     "unmerged_vs_base_latency": 1.15,
     "mixed4_vs_single_latency": 1.20,
+    "routed_vs_mixed_latency": 1.05,  # image-level routing adds at most 5 % to a mixed batch
     "switch_ms": 5.0,
     "checkpointed_vs_plain_activations": 0.5,
     "checkpointed_vs_plain_time": 1.4,
@@ -285,6 +286,12 @@ def run_benchmark(
     merged = expert_model(factory, rank, 1).eval()
     merged.merge("m0")
     inference = {}
+    from .signatures import ImageSignature
+
+    generator = torch.Generator().manual_seed(0)
+    for index in range(4):  # image-level routing signatures (fitted on noise: only their cost is measured here)
+        thumbnails = torch.rand(8, 3, 160, 160, generator=generator) * (0.4 + 0.2 * index)
+        model.set_signature(f"m{index}", ImageSignature.fit(thumbnails, views=2, seed=index))
     for size in (1, batch):
         x = torch.randn(size, 3, img_size, img_size).to(device)
         mixed = [f"m{i % 4}" for i in range(size)] if size >= 4 else ["m0"] * size
@@ -294,6 +301,8 @@ def run_benchmark(
                 "merged": lambda: merged(x, "m0"),
                 "unmerged_hard": lambda: model(x, "m0"),
                 "mixed_4_modalities": lambda: model(x, mixed),
+                # What model(images) without a modality does: route each image, then the same mixed forward.
+                "routed_4_modalities": lambda: model(x, [d.modality for d in model.route(x, min_confidence=0.0)]),
                 "soft_gate": lambda: model(x, "m0", routing="soft"),
             }
             # Batch 1 is cheap: more repeats for a steadier median.
@@ -438,6 +447,7 @@ def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
         "merged_vs_base_latency": latency["merged"] / latency["frozen_base"],
         "unmerged_vs_base_latency": latency["unmerged_hard"] / latency["frozen_base"],
         "mixed4_vs_single_latency": latency["mixed_4_modalities"] / latency["unmerged_hard"],
+        "routed_vs_mixed_latency": latency["routed_4_modalities"] / latency["mixed_4_modalities"],
         "soft_vs_hard_latency": latency["soft_gate"] / latency["unmerged_hard"],
         "switch_ms": report["switch_ms"],
         "bf16_vs_fp32_time": training["experts_hard_k1_bf16"]["step_seconds"] / training["experts_hard_k1"]["step_seconds"],
