@@ -12,7 +12,7 @@ import sys
 
 from .errors import M4oEError
 
-COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft")
+COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "import-peft")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(subparsers)
+    from .commands.common import HelpFormatter
+
+    for subparser in subparsers.choices.values():  # every --help shows the defaults
+        subparser.formatter_class = HelpFormatter
+        for action in subparser._actions:  # argparse prints nothing, not even the default, for an option without help
+            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+                action.help = "(default: %(default)s)"
     return parser
 
 

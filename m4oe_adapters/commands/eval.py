@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     add_backbone_arguments(parser, required=False)
     add_data_arguments(parser)
     parser.add_argument("--modality", required=True)
-    parser.add_argument("--adapter", default=None, help="adapter file to evaluate (without --train-sites)")
+    parser.add_argument("--adapter", default=None, help="file written by m4oe train (any --mode) to evaluate (without --train-sites)")
     parser.add_argument("--sites", default=None, help="sites to evaluate the adapter on (default: all)")
     parser.add_argument("--train-sites", default=None, help="protocol: comma-separated training sites")
     parser.add_argument("--test-sites", default=None, help="protocol: comma-separated unseen test sites")
@@ -60,21 +60,23 @@ def backbone_note(backbone) -> str:
 
 
 def evaluate_adapter_from_args(args):
-    from ..adapter_file import model_from_adapter
     from ..evaluation import evaluate_samples
+    from ..segmenter_file import load_segmenter
 
     backbone = load_backbone_from_args(args) if args.backbone else None
-    model = model_from_adapter(args.adapter, args.weights, backbone=backbone).eval()
-    info = model.modalities[args.modality] if args.modality in model.modalities else next(iter(model.modalities.values()))
+    loaded = load_segmenter(args.adapter, args.weights, backbone=backbone)
+    info = loaded.info
+    if loaded.model is not None and args.modality in loaded.model.modalities:
+        info = loaded.model.modalities[args.modality]
     samples = select_samples(args, args.modality, comma_list(args.sites))
     rows, skipped = evaluate_samples(
-        lambda x: model(x, info.name), samples, preset=info.preset, in_chans=model.backbone.in_chans,
+        loaded, samples, preset=info.preset, in_chans=loaded.in_chans,
         num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
-        resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": info.provenance.get("mode", "experts")},
+        resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
         keep_predictions=True,
     )
-    notes = [f"adapter {args.adapter} ({info.name}, trained on sites {info.provenance.get('sites')})",
-             backbone_note(model.backbone)]
+    notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
+             f"{info.provenance.get('sites')})", loaded.backbone_note]
     return rows, skipped, f"Evaluation of {args.adapter}", notes
 
 

@@ -10,7 +10,7 @@ from .common import add_backbone_arguments, load_backbone_from_args
 def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="segment images, volumes or folders with one or more adapters")
     parser.add_argument("inputs", nargs="+", help="image files, NIfTI volumes or folders")
-    parser.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to load several)")
+    parser.add_argument("--adapter", action="append", required=True, help="adapter file (repeat to load several; a lora/full/scratch file alone)")
     add_backbone_arguments(parser, required=False)
     parser.add_argument("--modality", default=None,
                         help="modality of every input (default: DICOM tag or the only loaded adapter)")
@@ -21,12 +21,22 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapter_file import load_adapter, model_from_adapter
+    from ..adapter_file import load_adapter
+    from ..errors import ConfigError
     from ..prediction import predict_files
+
+    from ..segmenter_file import SingleModalityModel, load_segmenter
 
     first, *rest = args.adapter
     backbone = load_backbone_from_args(args) if args.backbone else None
-    model = model_from_adapter(first, args.weights, backbone=backbone)
+    loaded = load_segmenter(first, args.weights, backbone=backbone)
+    if loaded.model is None:  # a baseline (lora/full/scratch) file: one model for one modality
+        if rest:
+            raise ConfigError(f"{first}: a {loaded.mode}-mode file cannot share a backbone with other adapters; "
+                              "predict with it alone")
+        model = SingleModalityModel(loaded)
+    else:
+        model = loaded.model
     for path in rest:
         load_adapter(model, path)
     results = predict_files(model, args.inputs, args.out, modality=args.modality, overlays=args.overlay,
