@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_backbone_arguments, load_backbone_from_args
+from .common import add_backbone_arguments, add_threads_argument, apply_threads, load_backbone_from_args
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--max-test-images", type=int, default=None)
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--out", required=True, help="report folder (report.md, metrics.csv/json, PNGs)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (images, windows, steps)")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..evaluation import write_outputs
 
+    apply_threads(args)
     if args.train_sites:
         rows, skipped, title, notes = run_protocol_from_args(args)
     elif args.adapter:
@@ -73,7 +75,7 @@ def evaluate_adapter_from_args(args):
         loaded, samples, preset=info.preset, in_chans=loaded.in_chans,
         num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
-        keep_predictions=True,
+        keep_predictions=True, progress=not args.no_progress,
     )
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
              f"{info.provenance.get('sites')})", loaded.backbone_note]

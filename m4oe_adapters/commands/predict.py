@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_backbone_arguments, load_backbone_from_args
+from .common import add_backbone_arguments, add_threads_argument, apply_threads, load_backbone_from_args
 
 
 def register(subparsers) -> None:
@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
     parser.add_argument("--slice-axis", type=int, default=2, help="axis along which volumes are sliced")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..segmenter_file import SingleModalityModel, load_segmenter
 
+    apply_threads(args)
     first, *rest = args.adapter
     backbone = load_backbone_from_args(args) if args.backbone else None
     loaded = load_segmenter(first, args.weights, backbone=backbone)
