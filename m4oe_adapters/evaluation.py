@@ -202,8 +202,10 @@ def write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: list
         ordered = sorted(with_predictions, key=lambda row: row["dice"])
         for tag, row in (("worst", ordered[0]), ("best", ordered[-1])):
             path = out / f"overlay_{tag}.png"
+            where = "" if row.get("slice_index") is None else f" slice {row['slice_index']}"
+            mode = f" [{row['mode']}]" if row.get("mode") else ""
             overlay_png(row["_raw"], row["_prediction"], row["_label"], path,
-                        title=f"{tag}: {Path(row['image']).name} Dice {row['dice']:.3f}")
+                        title=f"{tag}: {Path(row['image']).name}{where}{mode} Dice {row['dice']:.3f}")
             overlays.append(path)
     plot = dice_plot(summary_site, out / "dice_per_site.png")
     lines = [f"# {title}", ""] + [f"- {note}" for note in notes] + ["", "## Dice per site (mean over classes)", ""]
@@ -221,7 +223,8 @@ def write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: list
     if skipped:
         lines += ["", f"## Skipped files ({len(skipped)})", ""] + [f"- `{s['path']}`: {s['error']}" for s in skipped]
     if overlays:
-        lines += ["", "## Best and worst cases (green: expert mask, red: prediction)", ""]
+        lines += ["", "## Best and worst cases (green outline: expert mask; blue: prediction, other classes in "
+                  "their own colour)", ""]
         lines += [f"![{p.stem}]({p.name})" for p in overlays]
     if plot:
         lines += ["", f"![Dice per site]({plot.name})"]

@@ -97,34 +97,60 @@ def predict_files(
     *,
     modality: str | None = None,
     overlays: bool = False,
-    slice_axis: int = 2,
+    slice_axis: int | None = None,
+    progress: bool = False,
 ) -> list[PredictionResult]:
-    """Segment every input; a bad file is reported in its result and the run goes on."""
+    """Segment every input; a bad file is reported in its result and the run goes on.
+
+    Volumes (NIfTI, NRRD, 3D HDF5) are segmented slice by slice along ``slice_axis`` (``None``: the through-plane
+    axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
+    (identity for HDF5, which has none); their overlay shows a few slices in one PNG. PNG masks of two-class
+    modalities hold 0/255, of more classes a palette PNG of class ids (see :func:`~.data.write_mask`)."""
     from .data import read_image, read_volume, write_mask
-    from .reporting import overlay_png
+    from .data.readers import hdf5_shape, read_hdf5, through_plane_axis
+    from .reporting import overlay_png, volume_overlay_png
 
     out = Path(out_dir)
     files = collect_inputs(inputs)
     roots = [Path(p) for p in inputs if Path(p).is_dir()]
     results = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        files = tqdm(files, desc="predict", unit="file")
     for source in files:
         root = next((r for r in roots if source.is_relative_to(r)), None)
         target = output_path(source, out, root)
         try:
-            if suffix_of(source) in VOLUME_SUFFIXES:
-                volume, affine = read_volume(source)
+            hdf5_volume = suffix_of(source) in (".h5", ".hdf5") and len(hdf5_shape(source, "image")) == 3
+            if suffix_of(source) in VOLUME_SUFFIXES or hdf5_volume:
+                if hdf5_volume:
+                    volume, affine = read_hdf5(source, "image"), np.eye(4)
+                    target = target.with_name(target.name[: -len("_mask.png")] + "_mask.nii.gz")
+                else:
+                    volume, affine = read_volume(source)
                 chosen = choose_modality(model, modality, {"source": source})
-                slices = np.moveaxis(np.asarray(volume, dtype=np.float32), slice_axis, 0)
+                spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).tolist() if not hdf5_volume else None
+                axis = through_plane_axis(volume.shape, spacing) if slice_axis is None else slice_axis
+                if not 0 <= axis < volume.ndim:
+                    raise DataError(f"{source}: slice axis {axis} does not exist in a volume of shape {volume.shape}")
+                slices = np.moveaxis(np.asarray(volume, dtype=np.float32), axis, 0)
                 meta = {"dtype": str(volume.dtype)}
                 masks = [predict_array(model, slice_[None], chosen, meta) for slice_ in slices]
-                mask = np.moveaxis(np.stack(masks), 0, slice_axis).astype(np.uint8)
+                mask = np.moveaxis(np.stack(masks), 0, axis).astype(np.uint8)
                 write_mask(mask, target, affine=affine)
-                results.append(PredictionResult(source, target, chosen))
+                result = PredictionResult(source, target, chosen)
+                if overlays:
+                    stem = target.name[: -len(".nii.gz")]
+                    result.overlay = volume_overlay_png(
+                        volume, mask, axis, target.with_name(stem + "_overlay.png"),
+                        title=f"{source.name} [{chosen}]")
+                results.append(result)
                 continue
             record = read_image(source)
             chosen = choose_modality(model, modality, {**record.meta, "source": source})
             mask = predict_array(model, record.array, chosen, record.meta)
-            write_mask(mask.astype(np.uint8), target)
+            write_mask(mask.astype(np.uint8), target, num_classes=model.modalities[chosen].num_classes)
             result = PredictionResult(source, target, chosen)
             if overlays:
                 result.overlay = overlay_png(record.array, mask, None, target.with_name(target.stem + "_overlay.png"),

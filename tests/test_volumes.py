@@ -83,3 +83,41 @@ def test_eval_cli_slices_along_the_axis_it_is_given_and_says_so(volume_manifest,
     assert "Per volume" in (out / "report.md").read_text()
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"slice_index", "slice_axis", "level", "hd95_unit"} <= set(header)
+
+
+def test_predict_segments_a_whole_hdf5_volume_into_nifti_with_a_slice_sheet_overlay(volume_manifest, tmp_path):
+    import h5py
+    import nibabel
+    from PIL import Image
+
+    from m4oe_adapters.cli import main
+
+    from test_cli import TINY
+
+    assert main(["train", *TINY, "--data", str(volume_manifest), "--modality", "MRI", "--steps", "1", "--batch", "2",
+                 "--size", "32", "--val", "0", "--no-progress", "-o", str(tmp_path / "mri.safetensors")]) == 0
+    volume = np.random.default_rng(0).integers(0, 200, (64, 72, 5)).astype(np.float32)  # 5 slices on axis 2
+    with h5py.File(tmp_path / "la.h5", "w") as handle:
+        handle["image"] = volume
+    assert main(["predict", str(tmp_path / "la.h5"), "--adapter", str(tmp_path / "mri.safetensors"), *TINY,
+                 "--out", str(tmp_path / "out"), "--overlay", "--no-progress"]) == 0
+    result = nibabel.load(tmp_path / "out" / "la_mask.nii.gz")
+    assert result.shape == volume.shape
+    sheet = Image.open(tmp_path / "out" / "la_mask_overlay.png")
+    assert sheet.size[0] >= 4 * 64  # four 64 x 72 slices of axis 2 side by side
+
+
+def test_binary_png_masks_are_0_and_255_and_multiclass_masks_keep_class_ids(tmp_path):
+    from PIL import Image
+
+    from m4oe_adapters.data import write_mask
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 1
+    write_mask(mask, tmp_path / "binary.png", num_classes=2)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "binary.png")))) == {0, 255}
+    mask[6:, 6:] = 2
+    write_mask(mask, tmp_path / "three.png", num_classes=3)
+    picture = Image.open(tmp_path / "three.png")
+    assert picture.mode == "P" and set(np.unique(np.asarray(picture))) == {0, 1, 2}
+    assert picture.getpalette()[3:6] != [0, 0, 0]  # class 1 has a visible colour

@@ -14,9 +14,13 @@ def register(subparsers) -> None:
     add_backbone_arguments(parser, required=False)
     parser.add_argument("--modality", default=None,
                         help="modality of every input (default: DICOM tag or the only loaded adapter)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder; masks: NIfTI (class ids) for volumes, PNG for "
+                        "images: 0/255 for two-class modalities, else a palette PNG whose values are class ids")
     parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
-    parser.add_argument("--slice-axis", type=int, default=2, help="axis along which volumes are sliced")
+    parser.add_argument("--slice-axis", type=int, default=None,
+                        help="axis along which volumes are segmented slice by slice (default: the coarsest-spacing "
+                        "axis in the header, else the shortest axis)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar over files and windows")
     add_threads_argument(parser)
     parser.set_defaults(func=run)
 
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     for path in rest:
         load_adapter(model, path)
     results = predict_files(model, args.inputs, args.out, modality=args.modality, overlays=args.overlay,
-                            slice_axis=args.slice_axis)
+                            slice_axis=args.slice_axis, progress=not args.no_progress)
     failed = [r for r in results if r.error]
     for result in results:
         if result.error:

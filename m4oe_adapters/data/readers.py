@@ -333,7 +333,8 @@ def take_slice(volume: np.ndarray, path: Path, axis: int, index: int | None) -> 
 
 
 def write_mask(
-    mask: np.ndarray, path: str | Path, *, like: ImageRecord | None = None, affine: np.ndarray | None = None
+    mask: np.ndarray, path: str | Path, *, like: ImageRecord | None = None, affine: np.ndarray | None = None,
+    num_classes: int | None = None,
 ) -> Path:
     """Write class ids atomically (a temporary file in the same folder, then ``os.replace``).
 
@@ -342,6 +343,9 @@ def write_mask(
         path: ``.png`` (8-bit, or 16-bit above 255 classes) or ``.nii``/``.nii.gz``.
         like: the image the mask belongs to; a PNG mask must have its H, W, a NIfTI one takes its affine.
         affine: 4×4 NIfTI affine (wins over ``like``); identity when neither is given.
+        num_classes: for PNG masks, make them visible in any viewer: 2 classes → 0 (background) / 255
+            (foreground); 3 to 256 → a palette PNG whose pixel values are still the class ids 0..K-1, each shown in
+            its own colour. ``None``: raw class ids (0, 1, 2... look black). NIfTI masks always hold class ids.
 
     Raises:
         MaskError: wrong shape, negative or non-integer ids, or an unsupported suffix.
@@ -383,5 +387,14 @@ def write_mask(
 
     if data.ndim != 2:
         raise MaskError(f"{path}: a PNG mask must be 2D [H, W], got shape {data.shape}; write volumes as NIfTI")
-    picture = Image.fromarray(data.astype(dtype))
+    if num_classes == 2 and data.max(initial=0) <= 1:
+        picture = Image.fromarray((data * 255).astype(np.uint8))
+    elif num_classes is not None and 2 < num_classes <= 256:
+        from ..reporting import PALETTE
+
+        picture = Image.fromarray(data.astype(np.uint8), mode="P")
+        colours = [PALETTE[i % len(PALETTE)] if i else (0, 0, 0) for i in range(num_classes)]
+        picture.putpalette([int(c) for colour in colours for c in colour])
+    else:
+        picture = Image.fromarray(data.astype(dtype))
     return atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
