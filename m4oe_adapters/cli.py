@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Deprecation notices of dependencies (MONAI, timm...) are for this package's developers, not its users.
+    for module in ("monai", "timm", "torch", "transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{module}(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"{module}(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the exact command

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -32,10 +33,12 @@ def score_mask(
     for index in range(1, num_classes):
         has_pred, has_truth = bool(predicted[0, index].any()), bool(truth[0, index].any())
         if has_pred and has_truth:
-            hd95 = compute_hausdorff_distance(
-                predicted[:, [0, index]], truth[:, [0, index]], include_background=False, percentile=95,
-                spacing=None if spacing is None else [float(s) for s in spacing],
-            )
+            with warnings.catch_warnings():  # MONAI >= 1.5 warns about its own internal argument on every call
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+                hd95 = compute_hausdorff_distance(
+                    predicted[:, [0, index]], truth[:, [0, index]], include_background=False, percentile=95,
+                    spacing=None if spacing is None else [float(s) for s in spacing],
+                )
             distance = float(hd95[0, 0])
         else:
             distance = float("nan")

@@ -166,3 +166,22 @@ def test_every_subcommand_help_shows_its_defaults():
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
                 assert "default" in sub.formatter_class(name)._get_help_string(action).lower() or \
                     "default" in (action.help or "").lower(), (name, action.option_strings)
+
+
+def test_protocol_reports_label_names_and_training_counts_and_saves_usable_files(data, tmp_path, capsys):
+    write_site(tmp_path / "B", 2, 5, 80)  # an unseen site
+    rows = (data / "manifest.csv").read_text().replace(",A/", f",{data}/A/").splitlines()
+    rows += [f"synthetic,xray,B,B/images/{p.name},B/masks/{p.stem}_mask.png,"
+             for p in sorted((tmp_path / "B" / "images").iterdir())]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out, saved = tmp_path / "protocol", tmp_path / "saved"
+    assert main(["eval", *TINY, "--data", str(manifest), "--modality", "xray", "--train-sites", "A", "--test-sites",
+                 "B", "--modes", "experts,scratch", "--steps", "2", "--size", "64", "--batch", "2", "--val", "1",
+                 "--labels", "background,disc", "--save-adapters", str(saved), "--out", str(out),
+                 "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| disc |" in report and "class_1" not in report
+    assert "training images (validation images) per run: experts all shots: 2 (1); scratch all shots: 2 (1)" in report
+    for path in sorted(saved.iterdir()):
+        assert main(["inspect", str(path)]) == 0

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=None)
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
+    parser.add_argument("--labels", default=None, help="comma-separated class names, background first, for the "
+                        "report (default: the adapter's names; protocol: the dataset's known names, else class_<k>)")
     parser.add_argument("--out", required=True, help="report folder (report.md, metrics.csv/json, PNGs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (images, windows, steps)")
     add_threads_argument(parser)
@@ -62,6 +64,7 @@ def backbone_note(backbone) -> str:
 
 
 def evaluate_adapter_from_args(args):
+    from ..errors import ConfigError
     from ..evaluation import evaluate_samples
     from ..segmenter_file import load_segmenter
 
@@ -70,10 +73,14 @@ def evaluate_adapter_from_args(args):
     info = loaded.info
     if loaded.model is not None and args.modality in loaded.model.modalities:
         info = loaded.model.modalities[args.modality]
+    label_names = comma_list(args.labels) or info.label_names
+    if len(label_names) != info.num_classes:
+        raise ConfigError(f"--labels names {len(label_names)} classes, the adapter {args.adapter} has "
+                          f"{info.num_classes} ({', '.join(info.label_names)})")
     samples = select_samples(args, args.modality, comma_list(args.sites))
     rows, skipped = evaluate_samples(
         loaded, samples, preset=info.preset, in_chans=loaded.in_chans,
-        num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
+        num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
         keep_predictions=True, progress=not args.no_progress,
     )
@@ -101,12 +108,16 @@ def run_protocol_from_args(args):
         in_chans=probe.in_chans if probe else (args.in_chans or 3), size=(args.size, args.size),
         resize_mode=args.resize, val_count=args.val, expert_config=ExpertConfig(rank=args.rank),
         max_test_images=args.max_test_images, save_dir=args.save_adapters, progress=not args.no_progress,
+        label_names=comma_list(args.labels),
     )
+    counts = sorted({(str(row["mode"]), str(row["shots"]), row["train_images"], row["val_images"]) for row in rows})
     notes = [
         f"modality {args.modality}; trained on {', '.join(train_sites)}; unseen sites {', '.join(test_sites)}",
         f"modes {', '.join(modes)}; shots {args.shots}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
         f"size {args.size} ({args.resize}), seed {args.seed}",
         backbone_note(probe) if probe else "scratch U-Net only",
+        "training images (validation images) per run: "
+        + "; ".join(f"{mode} {shots} shots: {train} ({val})" for mode, shots, train, val in counts),
         "command: m4oe " + " ".join(args.argv),
     ]
     return rows, skipped, f"Site generalisation: {args.modality}", notes
