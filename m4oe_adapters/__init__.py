@@ -20,6 +20,7 @@ from .experts import ModalityExpertLinear
 from .model import ModalityInfo, SegmentationModel
 from .peft_interop import export_peft, import_peft
 from .routing import RoutingState
+from .segmenter_file import LoadedSegmenter, load_segmenter, save_baseline
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "DataError",
     "DecoderConfig",
     "ExpertConfig",
+    "LoadedSegmenter",
     "M4oEError",
     "ModalityExpertLinear",
     "ModalityInfo",
@@ -43,7 +45,9 @@ __all__ = [
     "inspect_adapter",
     "load_adapter",
     "load_backbone",
+    "load_segmenter",
     "model_from_adapter",
     "read_adapter",
     "save_adapter",
+    "save_baseline",
 ]
