@@ -90,6 +90,9 @@ def inherit_recipe(
     from .adapter_file import read_header
 
     metadata, _ = read_header(init_adapter)
+    if metadata["mode"] not in ("experts", "decoder"):
+        raise ConfigError(f"{init_adapter}: a {metadata['mode']}-mode file (a baseline); --init continues from an "
+                          "experts or decoder adapter")
     provenance, expert = metadata.get("provenance", {}), metadata["expert"]
     stored = {
         "size": tuple(provenance.get("train_size") or metadata["input_size"]),

@@ -119,6 +119,10 @@ def test_init_inherits_the_recipe_and_says_what_it_inherited_and_changed(data, t
     assert main(["train", *TINY, "--data", str(data / "manifest.csv"), "--modality", "xray", *SMALL,
                  "--init", str(first), "--rank", "8", "-o", str(tmp_path / "fourth.safetensors")]) == 2
     assert "rank 4" in capsys.readouterr().err
+    scratch = tmp_path / "scratch.safetensors"
+    assert train(data, scratch, "--mode", "scratch") == 0
+    assert train(data, tmp_path / "fifth.safetensors", "--init", str(scratch)) == 2
+    assert "a scratch-mode file" in capsys.readouterr().err
 
 
 def test_val_0_says_the_final_weights_were_saved(data, tmp_path, capsys):
