@@ -83,6 +83,7 @@ def evaluate_samples(
     extra: dict[str, Any] | None = None,
     keep_predictions: bool = False,
     progress: bool = False,
+    volumes: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every sample; bad files are skipped and reported, not fatal. ``progress``: a bar over the images (with
     ETA), and one over the windows of each large image.
@@ -91,12 +92,12 @@ def evaluate_samples(
         ``(rows, skipped)``: one row per image and class (``label`` = class name, plus a ``mean`` row per image)
         with dataset, site, image path, ``level`` (``image``, ``slice`` or ``volume``), slice axis and index for
         slices, dice, hd95 (``hd95_unit``: mm where the file gives a spacing, else px) and ``extra`` fields; and
-        ``[{path, error}]`` for skipped files. Slices of one volume are also scored together: ``volume`` rows
-        hold the 3D Dice and HD95 (mm) of the stacked slices (``slices`` of ``volume_slices``; every slice unless
-        only foreground slices were selected).
+        ``[{path, error}]`` for skipped files. With ``volumes``, slices of one volume are also scored together:
+        ``volume`` rows hold the 3D Dice and HD95 (mm) of the stacked slices (``slices`` of ``volume_slices``;
+        every slice unless only foreground slices were selected).
     """
     rows, skipped = [], []
-    volumes: dict[str, dict[str, Any]] = {}
+    stacked: dict[str, dict[str, Any]] = {}
     if progress:
         from tqdm.auto import tqdm
 
@@ -125,8 +126,8 @@ def evaluate_samples(
             "hd95_unit": "px" if spacing is None else "mm",
             **(extra or {}),
         }
-        if slice_index is not None:
-            volume = volumes.setdefault(str(sample.image), {"base": base, "meta": prepared.meta, "slices": []})
+        if slice_index is not None and volumes:
+            volume = stacked.setdefault(str(sample.image), {"base": base, "meta": prepared.meta, "slices": []})
             volume["slices"].append((slice_index, mask.astype(np.uint16), label.astype(np.uint16)))
         for index, score in scores.items():
             rows.append({**base, "label": label_names[index], **score})
@@ -139,7 +140,7 @@ def evaluate_samples(
             mean_row["_label"] = label
             mean_row["_raw"] = prepared.raw
         rows.append(mean_row)
-    for volume in volumes.values():
+    for volume in stacked.values():
         rows += score_volume(volume, num_classes, label_names)
     return rows, skipped
 

@@ -38,7 +38,7 @@ def threshold(images: torch.Tensor) -> torch.Tensor:
 
 def evaluate(samples):
     return evaluate_samples(threshold, samples, preset={"kind": "minmax"}, in_chans=1, num_classes=2,
-                            label_names=["background", "box"], input_size=(32, 32))[0]
+                            label_names=["background", "box"], input_size=(32, 32), volumes=True)[0]
 
 
 def test_volumes_are_cut_along_the_coarsest_spacing_axis_into_every_slice(volume_manifest):

@@ -82,7 +82,7 @@ def evaluate_adapter_from_args(args):
         loaded, samples, preset=info.preset, in_chans=loaded.in_chans,
         num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
-        keep_predictions=True, progress=not args.no_progress,
+        keep_predictions=True, progress=not args.no_progress, volumes=True,
     )
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
              f"{info.provenance.get('sites')})", loaded.backbone_note]
