@@ -65,7 +65,7 @@ def label_edges(label: np.ndarray) -> np.ndarray:
 
 def caption(picture, text: str) -> None:
     """Write ``text`` in the top-left corner, on a dark band, in a font scaled to the picture (readable on a
-    3500 px photograph and on a 128 px slice alike; the text is shortened with an ellipsis if it does not fit)."""
+    3500 px photograph and on a 128 px slice alike); text that does not fit loses its middle, not its end."""
     from PIL import ImageDraw, ImageFont
 
     if not text:
@@ -76,8 +76,12 @@ def caption(picture, text: str) -> None:
     except TypeError:  # Pillow < 10.1: one bitmap size
         font = ImageFont.load_default()
     draw = ImageDraw.Draw(picture)
-    while len(text) > 8 and draw.textlength(text, font=font) > picture.size[0] - 2 * size // 3:
-        text = text[:-5].rstrip() + "…"
+    limit = picture.size[0] - 2 * size // 3
+    if draw.textlength(text, font=font) > limit:  # elide the middle: the start (what) and end (score) stay
+        head, tail = text[: len(text) // 2], text[len(text) // 2 :]
+        while len(head) + len(tail) > 8 and draw.textlength(head + "…" + tail, font=font) > limit:
+            head, tail = (head[:-1], tail) if len(head) >= len(tail) else (head, tail[1:])
+        text = head + "…" + tail
     left, top, right, bottom = draw.textbbox((size // 3, size // 3), text, font=font)
     draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
     draw.text((size // 3, size // 3), text, fill=(255, 255, 0), font=font)
