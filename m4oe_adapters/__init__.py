@@ -22,6 +22,7 @@ from .experts import ModalityExpertLinear
 from .model import ModalityInfo, SegmentationModel
 from .peft_interop import export_peft, import_peft
 from .routing import RoutingState
+from .segmenter_file import LoadedSegmenter, load_segmenter, save_baseline
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "DataError",
     "DecoderConfig",
     "ExpertConfig",
+    "LoadedSegmenter",
     "M4oEError",
     "ModalityExpertLinear",
     "ModalityInfo",
@@ -46,8 +48,10 @@ __all__ = [
     "inspect_adapter",
     "load_adapter",
     "load_backbone",
+    "load_segmenter",
     "model_from_adapter",
     "read_adapter",
     "save_adapter",
+    "save_baseline",
     "set_gradient_checkpointing",
 ]

@@ -7,7 +7,6 @@ its provenance.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adapter_file import atomic_write, save_adapter
+from .adapter_file import save_adapter
 from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig
-from .errors import DataError
+from .adapter_file import label_names_problem
+from .errors import ConfigError, DataError
 from .segmenters import ModalitySegmenter, build_segmenter
 from .signatures import signature_from_samples
 from .training import TrainConfig, TrainResult, train
@@ -66,6 +66,69 @@ def count_classes(dataset, limit: int = 64) -> int:
     return highest + 1
 
 
+DEFAULT_SIZE = (224, 224)
+DEFAULT_RESIZE_MODE = "crop"
+
+
+def inherit_recipe(
+    init_adapter: str | Path,
+    *,
+    size: tuple[int, int] | None = None,
+    resize_mode: str | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    target_pattern: str | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The training recipe of ``init_adapter``, with the arguments that are not ``None`` overriding it.
+
+    Size and resize mode may change (a note says so). Rank, alpha (the LoRA scale ``alpha / rank``) and target
+    layers cannot: training continues from the file's expert tensors, so a different value is refused.
+
+    Returns:
+        ``(recipe, notes)``: recipe keys ``size``, ``resize_mode``, ``rank``, ``alpha``, ``target_pattern``,
+        ``preset``; notes are lines saying what was inherited and what changed (the CLI prints them).
+    """
+    from .adapter_file import read_header
+
+    metadata, _ = read_header(init_adapter)
+    if metadata["mode"] not in ("experts", "decoder"):
+        raise ConfigError(f"{init_adapter}: a {metadata['mode']}-mode file (a baseline); --init continues from an "
+                          "experts or decoder adapter")
+    provenance, expert = metadata.get("provenance", {}), metadata["expert"]
+    stored = {
+        "size": tuple(provenance.get("train_size") or metadata["input_size"]),
+        "resize_mode": provenance.get("resize_mode", DEFAULT_RESIZE_MODE),
+        "rank": expert["rank"],
+        "alpha": float(expert["alpha"]),
+        "target_pattern": expert.get("target_pattern"),
+    }
+    given = {"size": None if size is None else tuple(size), "resize_mode": resize_mode, "rank": rank,
+             "alpha": None if alpha is None else float(alpha), "target_pattern": target_pattern}
+    fixed = [key for key in ("rank", "alpha", "target_pattern") if given[key] is not None and given[key] != stored[key]]
+    if fixed:
+        raise ConfigError(
+            f"{init_adapter}: its experts have " + ", ".join(f"{key} {stored[key]}" for key in fixed)
+            + "; training continues from them, so " + ", ".join(f"{key} {given[key]}" for key in fixed)
+            + " cannot apply (drop the flag, or train without --init)"
+        )
+    recipe = {key: stored[key] if given[key] is None else given[key] for key in stored}
+    recipe["preset"] = metadata["preset"]
+    inherited = [f"{key} {_shown(stored[key])}" for key in stored if given[key] is None]
+    changed = [f"{key} {_shown(stored[key])} -> {_shown(given[key])}" for key in ("size", "resize_mode")
+               if given[key] is not None and given[key] != stored[key]]
+    notes = [f"recipe inherited from {Path(init_adapter).name}: " + (", ".join(inherited) or "nothing")
+             + f", preset {metadata['preset'].get('kind', metadata['preset']) if metadata['preset'] else 'default'}"]
+    if changed:
+        notes.append("changed by flags: " + ", ".join(changed))
+    return recipe, notes
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}x{value[1]}"
+    return str(value)
+
+
 def fit_modality(
     backbone_factory: Callable[[], Backbone],
     samples: Sequence,
@@ -75,8 +138,8 @@ def fit_modality(
     shots: int | None = None,
     val_count: int = 4,
     in_chans: int = 3,
-    size: tuple[int, int] = (224, 224),
-    resize_mode: str = "crop",
+    size: tuple[int, int] | None = None,
+    resize_mode: str | None = None,
     num_classes: int | None = None,
     label_names: list[str] | None = None,
     preset: dict[str, Any] | None = None,
@@ -97,8 +160,11 @@ def fit_modality(
             overrides ``in_chans``.
         shots: use only this many labelled training images (the few-label new-site case); ``None``: all.
         val_count: images held out for validation / early stopping.
-        size: training input size (crops or resizes, see ``resize_mode``).
-        init_adapter: start from this adapter file (a known modality adapted to a new site).
+        size: training input size (crops or resizes, see ``resize_mode``); ``None``: the ``init_adapter``'s, else
+            224 x 224.
+        resize_mode: ``"crop"`` or ``"resize"``; ``None``: the ``init_adapter``'s, else ``"crop"``.
+        init_adapter: start from this adapter file (a known modality adapted to a new site); its recipe (see
+            :func:`inherit_recipe`) applies unless an argument overrides it.
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
     """
     from .data import SegmentationDataset
@@ -108,6 +174,17 @@ def fit_modality(
     from .training import seed_everything
 
     train_config = train_config or TrainConfig()
+    if init_adapter is not None and mode not in ("experts", "decoder"):
+        raise ConfigError(f"--init starts from an expert adapter; mode {mode!r} does not use one (use experts or "
+                          "decoder, or drop --init)")
+    if init_adapter is not None:
+        recipe, _ = inherit_recipe(init_adapter, size=size, resize_mode=resize_mode)
+        size, resize_mode = recipe["size"], recipe["resize_mode"]
+    size = tuple(size or DEFAULT_SIZE)
+    resize_mode = resize_mode or DEFAULT_RESIZE_MODE
+    problem = label_names_problem(label_names) if label_names is not None else None
+    if problem:  # checked before training, not when the file is written an hour later
+        raise ConfigError(problem)
     seed_everything(train_config.seed)  # a random-weight backbone must be the same in two runs
     backbone = None if mode == "scratch" else backbone_factory()
     if backbone is not None:
@@ -128,6 +205,9 @@ def fit_modality(
     ) if val_samples else None
     num_classes = num_classes or count_classes(train_set)
     label_names = label_names or dataset_label_names(train_samples[0].dataset, num_classes)
+    problem = label_names_problem(list(label_names))
+    if problem:
+        raise ConfigError(problem)
     segmenter = build_segmenter(
         mode, lambda: backbone, modality, num_classes, label_names=label_names, preset=preset, input_size=size,
         in_chans=in_chans, expert_config=expert_config, decoder_config=decoder_config,
@@ -166,23 +246,17 @@ def fit_modality(
 
 
 def save_result(fit: FitResult, modality: str, path: str | Path, dtype: str = "fp32") -> Path:
-    """An adapter file for experts/decoder modes; a safetensors checkpoint + JSON sidecar for the baselines."""
+    """Write the trained segmenter: an adapter file for experts/decoder modes, the same container with the
+    baseline's state dict for lora/full/scratch (:mod:`.segmenter_file`); every one loads with ``load_segmenter``."""
     segmenter = fit.segmenter
     if isinstance(segmenter, ModalitySegmenter):
         return save_adapter(segmenter.model, modality, path, dtype=dtype)
-    import safetensors.torch
+    from .model import ModalityInfo
+    from .segmenter_file import save_baseline
 
-    tensors = {key: value.contiguous() for key, value in segmenter.checkpoint_state().items()}
-    sidecar = {
-        "mode": segmenter.mode,
-        "modality": modality,
-        "num_classes": fit.num_classes,
-        "label_names": fit.label_names,
-        "preset": fit.preset,
-        "provenance": fit.provenance,
-        "metrics": {"val_dice": fit.result.best_val_dice},
-    }
-    path = Path(path)
-    atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={
-        "m4oe_baseline": json.dumps(sidecar)}))
-    return path
+    info = ModalityInfo(
+        modality, fit.num_classes, list(fit.label_names), dict(fit.preset),
+        list(fit.provenance.get("train_size", [224, 224])), dict(fit.provenance),
+        {"val_dice": fit.result.best_val_dice, "val_images": fit.provenance.get("num_validation_images")},
+    )
+    return save_baseline(segmenter, info, path, dtype=dtype)

@@ -45,6 +45,13 @@ SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
 SAFETENSORS_NAMES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_METADATA_DEPTH = 32
 SIGNATURE_NAMES = tuple(f"{SIGNATURE_PREFIX}{name}" for name in SIGNATURE_TENSORS)
+# Every training mode writes this container. ``experts``/``decoder``: a modality of a SegmentationModel (tensors
+# ``experts.*``/``decoder.*``, and its routing signature ``signature.*``). The baselines (``lora``, ``full``,
+# ``scratch``) are not expert mixtures: their trained state dict is stored under ``model.`` (see
+# segmenter_file.py); ``scratch`` has no backbone (metadata ``null``).
+ADAPTER_MODES = ("experts", "decoder")
+BASELINE_MODES = ("lora", "full", "scratch")
+BASELINE_PREFIX = "model."
 
 
 # ------------------------------------------------------------------------------------------------- atomic write
@@ -128,6 +135,7 @@ def build_metadata(model: SegmentationModel, modality: str, dtype: str) -> dict[
         | info.provenance,
         "metrics": info.metrics,
         "dtype": dtype,
+        "mode": info.provenance.get("mode", "experts"),
     } | ({"routing": model.signatures[modality].metadata()} if modality in model.signatures else {})
 
 
@@ -204,6 +212,21 @@ def _printable(value: Any, limit: int = 1024) -> bool:
     return isinstance(value, str) and len(value) <= limit and value.isprintable()
 
 
+MAX_LABEL_CHARACTERS = 128
+
+
+def label_names_problem(labels: Any) -> str | None:
+    """Why ``labels`` cannot go into an adapter file (``None``: they can): training checks this before it starts,
+    the reader on every file."""
+    if not isinstance(labels, (list, tuple)):
+        return "label_names must be a list of printable strings"
+    for label in labels:
+        if not _printable(label, MAX_LABEL_CHARACTERS):
+            return (f"label name {_shown(label)} is not a printable string of at most {MAX_LABEL_CHARACTERS} "
+                    "characters (label_names must be a list of printable strings, at most 128 characters each)")
+    return None
+
+
 def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     """Check types and ranges of an adapter's metadata; return it (expert and decoder configs normalised, so later
     code reads well-typed values) or raise AdapterFormatError naming ``path``."""
@@ -231,12 +254,16 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         f"num_classes must be an integer in [1, 1024], got {_shown(num_classes)}",
     )
     labels = metadata.get("label_names")
-    _require(
-        isinstance(labels, list) and all(_printable(label, 128) for label in labels),
-        path,
-        "label_names must be a list of printable strings (at most 128 characters each)",
-    )
+    _require(isinstance(labels, list), path, "label_names must be a list")
+    problem = label_names_problem(labels)
+    _require(problem is None, path, str(problem))
     _require(len(labels) == num_classes, path, f"{len(labels)} label names for {num_classes} classes")
+    mode = metadata.setdefault("mode", "experts")  # files written before the field are expert adapters
+    _require(
+        mode in ADAPTER_MODES + BASELINE_MODES,
+        path,
+        f"unknown training mode {_shown(mode)} (one of {', '.join(ADAPTER_MODES + BASELINE_MODES)})",
+    )
     preset = metadata.get("preset")
     _require(isinstance(preset, dict), path, "preset must be an object")
     if preset:
@@ -252,6 +279,13 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         path,
         f"input_size must be [H, W] with 32 <= H, W <= 8192, got {_shown(size)}",
     )
+    if mode == "scratch":  # a U-Net of its own: no backbone, experts or shared decoder to describe
+        _require(metadata.get("backbone") is None, path, "a scratch-mode file has no backbone (backbone must be null)")
+        for key in ("provenance", "metrics"):
+            _require(isinstance(metadata.get(key, {}), dict), path, f"{key} must be an object")
+        dtype = metadata.get("dtype")
+        _require(isinstance(dtype, str) and dtype in DTYPES, path, f"dtype must be one of {sorted(DTYPES)}")
+        return metadata
     expert = metadata.get("expert")
     _require(isinstance(expert, dict) and {"rank", "alpha"} <= set(expert), path, "expert config needs rank and alpha")
     decoder = metadata.get("decoder")
@@ -312,6 +346,14 @@ def _source_name(source, name: str | None) -> str:
     return name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
 
 
+def _foreign_file(prefix: bytes) -> str | None:
+    """What a file that is not a safetensors adapter looks like, from its first bytes (``None``: no guess). Only
+    used once the safetensors header has failed to parse: valid header lengths can begin with the same bytes."""
+    if prefix[:1] == b"\x80" and 2 <= prefix[1] <= 5 or prefix[:4] == b"PK\x03\x04":
+        return "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files"
+    return None
+
+
 def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse and check a safetensors header by hand: bounded size, strict JSON, valid m4oe metadata, tensors named
     ``experts.*``/``decoder.*`` in the metadata's dtype, shapes and offsets that tile the data exactly.
@@ -337,17 +379,19 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
             raise _fail(path, f"cannot be read ({error.strerror or error})") from None
     _require(len(prefix) == 8, path, "truncated: shorter than a safetensors header (not an adapter file?)")
     (header_length,) = struct.unpack("<Q", prefix)
-    # Sniffed only when the length is impossible: a valid header length can start with the bytes 0x80 or "PK"
-    # (e.g. 128 + 256k bytes), while torch.save's pickle/zip prefixes read as lengths far above the limit.
-    if not 0 < header_length <= MAX_HEADER_BYTES and (prefix[:2] == b"PK" or prefix[:1] == b"\x80"):
-        raise _fail(path, "this is a pickle/zip (torch.save) file; adapters are only read from safetensors files")
+    # The first 8 bytes are the header length, so they may be any bytes: a valid header of 0x4D80 bytes starts
+    # with 0x80 (pickle's PROTO opcode), one of 0x4B50 bytes with "PK" (zip). Only a header that cannot be parsed
+    # is explained as a pickle/zip file; it is never refused on its first bytes alone.
     # Bounded before anything is allocated: a header claiming 2**63 bytes is refused here.
     _require(
         0 < header_length <= MAX_HEADER_BYTES,
         path,
-        f"header length {header_length} is outside 1..{MAX_HEADER_BYTES} bytes: not a safetensors file, or corrupt",
+        _foreign_file(prefix)
+        or f"header length {header_length} is outside 1..{MAX_HEADER_BYTES} bytes: not a safetensors file, or corrupt",
     )
-    _require(header_length + 8 <= size, path, "truncated: the header runs past the end of the file")
+    _require(
+        header_length + 8 <= size, path, _foreign_file(prefix) or "truncated: the header runs past the end of the file"
+    )
     if isinstance(source, (bytes, bytearray)):
         raw = bytes(source[8 : 8 + header_length])
     else:
@@ -357,6 +401,9 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
                 raw = stream.read(header_length)
         except OSError as error:
             raise _fail(path, f"cannot be read ({error.strerror or error})") from None
+    foreign = _foreign_file(prefix)
+    if foreign and not raw.lstrip(b" ").startswith(b"{"):  # a safetensors header is a JSON object
+        raise _fail(path, foreign)
     header = _parse_json(raw, path, "the header")
     _require(isinstance(header, dict), path, "corrupt header (not a JSON object)")
     header_metadata = header.pop("__metadata__", None)
@@ -371,12 +418,15 @@ def read_header(source: str | Path | bytes, name: str | None = None) -> tuple[di
     metadata = validate_metadata(_parse_json(document, path, "metadata field 'm4oe'"), path)
     _require(len(header) <= MAX_TENSORS, path, f"too many tensors ({len(header)})")
     expected_dtype = SAFETENSORS_NAMES[metadata["dtype"]]
+    prefixes = (EXPERT_PREFIX, DECODER_PREFIX) if metadata["mode"] in ADAPTER_MODES else (BASELINE_PREFIX,)
     spans = []
     for tensor_name, entry in header.items():
         _require(
-            tensor_name.startswith((EXPERT_PREFIX, DECODER_PREFIX)) or tensor_name in SIGNATURE_NAMES,
+            tensor_name.startswith(prefixes) or (metadata["mode"] in ADAPTER_MODES and tensor_name in SIGNATURE_NAMES),
             path,
-            f"unexpected tensor {_shown(tensor_name)} (expected experts.*, decoder.* or {', '.join(SIGNATURE_NAMES)})",
+            f"unexpected tensor {_shown(tensor_name)} in a {metadata['mode']}-mode file "
+            f"(expected {' or '.join(p + '*' for p in prefixes)}"
+            f"{' or ' + ', '.join(SIGNATURE_NAMES) if metadata['mode'] in ADAPTER_MODES else ''})",
         )
         _require(isinstance(entry, dict), path, f"tensor {_shown(tensor_name)}: bad header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -465,8 +515,6 @@ def save_adapter(
 
     Returns: the path written.
     """
-    import safetensors.torch
-
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model._require(modality)
@@ -478,7 +526,32 @@ def save_adapter(
         tensors |= {key: tensor.to(DTYPES[dtype]) for key, tensor in model.signatures[modality].tensors().items()}
     metadata = build_metadata(model, modality, dtype)
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "m4oe": json.dumps(metadata)}
-    return atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=header))
+    return write_checked(path, tensors, header)
+
+
+def write_checked(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Serialise ``tensors`` with safetensors ``header`` metadata, check the bytes with the reader's own rules
+    (:func:`read_adapter`), then write them atomically: a writer must never produce a file its reader refuses.
+
+    Raises:
+        AdapterFormatError: what :func:`load_adapter` would say about the file, prefixed with "refusing to write".
+    """
+    import safetensors.torch
+
+    data = safetensors.torch.save(tensors, metadata=header)
+    try:
+        read_adapter(data, str(path))
+    except AdapterFormatError as error:
+        raise AdapterFormatError(f"refusing to write an adapter m4oe could not read back: {error}") from None
+    return atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
+
+
+def _require_expert_mode(metadata: dict[str, Any], path) -> None:
+    if metadata["mode"] not in ADAPTER_MODES:
+        raise AdapterFormatError(
+            f"{path}: a {metadata['mode']}-mode file (a baseline, not a modality of an expert model); load it with "
+            "m4oe_adapters.load_segmenter (m4oe eval --adapter / predict / inspect accept it)"
+        )
 
 
 def sign_adapter(path: str | Path, signature: ImageSignature, output: str | Path, *, overwrite: bool = False) -> Path:
@@ -488,7 +561,6 @@ def sign_adapter(path: str | Path, signature: ImageSignature, output: str | Path
     binding stay identical. ``output`` may be ``path`` itself only with ``overwrite=True``; an existing ``output``
     is never replaced without it.
     """
-    import safetensors.torch
 
     output = Path(output)
     if output.exists() and not overwrite:
@@ -499,7 +571,7 @@ def sign_adapter(path: str | Path, signature: ImageSignature, output: str | Path
     tensors |= {key: tensor.to(dtype) for key, tensor in signature.tensors().items()}
     metadata["routing"] = signature.metadata()
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "m4oe": json.dumps(metadata)}
-    return atomic_write(output, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=header))
+    return write_checked(output, tensors, header)
 
 
 def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors, path, force: bool = False) -> None:
@@ -600,6 +672,7 @@ def load_adapter(
     """
     metadata, tensors = read_adapter(path, name)
     path = _source_name(path, name)
+    _require_expert_mode(metadata, path)
     check_compatible(model, metadata, tensors, path, force=force)
     name = metadata["modality"]
     active, chosen = model.active_modality, model._modality_chosen
@@ -652,7 +725,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "file": str(path),
         "size_bytes": Path(path).stat().st_size,
         "tensors": len(tensors),
-        "parameters": experts + decoder,
+        "parameters": sum(t.numel() for t in tensors.values()),  # baselines: their whole stored state dict
         "expert_parameters": experts,
         "decoder_parameters": decoder,
         "expert_layers": len({k.rsplit(".", 1)[0] for k in tensors if k.startswith(EXPERT_PREFIX)}),
@@ -673,6 +746,7 @@ def model_from_adapter(
     from .backbones import backbone_from_identity
 
     metadata, _ = read_header(path)
+    _require_expert_mode(metadata, path)
     if backbone is None:
         backbone = backbone_from_identity(metadata["backbone"], weights)
     expert = ExpertConfig.from_dict(metadata["expert"])

@@ -12,8 +12,8 @@ import sys
 
 from .errors import M4oEError
 
-COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "backbone",
-            "sign", "eval-routing", "serve", "serve-bench")
+COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "import-peft",
+            "backbone", "sign", "eval-routing", "serve", "serve-bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built yet
             raise
         module.register(subparsers)
+    from .commands.common import HelpFormatter
+
+    for subparser in subparsers.choices.values():  # every --help shows the defaults
+        subparser.formatter_class = HelpFormatter
+        for action in subparser._actions:  # argparse prints nothing, not even the default, for an option without help
+            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+                action.help = "(default: %(default)s)"
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Deprecation notices of dependencies (MONAI, timm...) are for this package's developers, not its users.
+    for module in ("monai", "timm", "torch", "transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{module}(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"{module}(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the exact command

@@ -23,6 +23,7 @@ def sliding_window_logits(
     *,
     overlap: float = 0.25,
     window_batch: int = 4,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Logits of one preprocessed image.
 
@@ -32,6 +33,7 @@ def sliding_window_logits(
         roi_size: window ``(h, w)`` in pixels, rounded up to multiples of 32.
         overlap: fraction of overlap between windows (blended with a Gaussian weight).
         window_batch: windows per forward pass (bounds memory).
+        progress: show a progress bar over the window batches (with ETA; worth it for large images).
 
     Returns:
         ``[K, H, W]`` logits at the image's own resolution.
@@ -44,7 +46,8 @@ def sliding_window_logits(
         raise DataError("the image holds NaN or Inf values after preprocessing")
     roi = round_to_32(roi_size)
     logits = sliding_window_inference(
-        image[None].float(), roi, window_batch, predictor, overlap=overlap, mode="gaussian", padding_mode="constant"
+        image[None].float(), roi, window_batch, predictor, overlap=overlap, mode="gaussian", padding_mode="constant",
+        progress=progress,
     )
     return logits[0]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -9,11 +10,14 @@ import numpy as np
 import torch
 
 
-def score_mask(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> dict[int, dict[str, float]]:
-    """Dice and HD95 (pixels) of each foreground class of one image.
+def score_mask(
+    prediction: np.ndarray, label: np.ndarray, num_classes: int, spacing=None
+) -> dict[int, dict[str, float]]:
+    """Dice and HD95 of each foreground class of one image or volume.
 
     Args:
-        prediction, label: ``[H, W]`` class ids.
+        prediction, label: ``[H, W]`` (or ``[D, H, W]``) class ids.
+        spacing: mm per pixel along each axis: HD95 in mm; ``None``: HD95 in pixels.
 
     Returns:
         ``{class id: {"dice": ..., "hd95": ...}}``. Dice is 1 when both masks are empty for a class; HD95 is NaN
@@ -29,9 +33,12 @@ def score_mask(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> d
     for index in range(1, num_classes):
         has_pred, has_truth = bool(predicted[0, index].any()), bool(truth[0, index].any())
         if has_pred and has_truth:
-            hd95 = compute_hausdorff_distance(
-                predicted[:, [0, index]], truth[:, [0, index]], include_background=False, percentile=95
-            )
+            with warnings.catch_warnings():  # MONAI >= 1.5 warns about its own internal argument on every call
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+                hd95 = compute_hausdorff_distance(
+                    predicted[:, [0, index]], truth[:, [0, index]], include_background=False, percentile=95,
+                    spacing=None if spacing is None else [float(s) for s in spacing],
+                )
             distance = float(hd95[0, 0])
         else:
             distance = float("nan")

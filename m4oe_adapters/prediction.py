@@ -108,9 +108,29 @@ def output_path(source: Path, out_dir: Path, root: Path | None, keep_suffix: boo
     stem = relative.name[: -len(suffix)] if suffix else relative.name
     if keep_suffix and suffix:
         stem = f"{stem}_{suffix.lstrip('.').replace('.', '_')}"
-    if suffix in VOLUME_SUFFIXES:  # NRRD volumes get a NIfTI mask with the same affine
+    if is_volume_file(source):  # volumes (NRRD and 3D HDF5 included) get a NIfTI mask with the same affine
         return out_dir / relative.parent / f"{stem}_mask.nii.gz"
     return out_dir / relative.parent / f"{stem}_mask.png"
+
+
+def overlay_path(target: Path) -> Path:
+    """``x_mask.png`` / ``x_mask.nii.gz`` → ``x_mask_overlay.png``."""
+    name = target.name[: -len(".nii.gz")] if target.name.endswith(".nii.gz") else target.stem
+    return target.with_name(name + "_overlay.png")
+
+
+def is_volume_file(source: Path) -> bool:
+    """NIfTI/NRRD files, and HDF5 files whose ``image`` is 3D, are segmented as whole volumes."""
+    if suffix_of(source) in VOLUME_SUFFIXES:
+        return True
+    if suffix_of(source) in (".h5", ".hdf5"):
+        from .data.readers import hdf5_shape
+
+        try:
+            return len(hdf5_shape(source, "image")) == 3
+        except M4oEError:
+            return False  # reported when the file is read
+    return False
 
 
 def plan_outputs(files: Sequence[Path], roots: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
@@ -133,13 +153,6 @@ def plan_outputs(files: Sequence[Path], roots: Sequence[Path], out_dir: Path) ->
     return plan
 
 
-def mask_dtype(mask: np.ndarray) -> type:
-    """uint8 masks up to class 255, uint16 beyond (never a silent wrap-around)."""
-    if mask.size and int(mask.max()) > 65535:
-        raise DataError(f"a mask holds class {int(mask.max())}; masks are written with at most 65536 classes")
-    return np.uint8 if not mask.size or int(mask.max()) <= 255 else np.uint16
-
-
 def predict_files(
     model: SegmentationModel,
     inputs: Sequence[str | Path],
@@ -147,19 +160,27 @@ def predict_files(
     *,
     modality: str | None = None,
     overlays: bool = False,
-    slice_axis: int = 2,
+    slice_axis: int | None = None,
     min_confidence: float | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> list[PredictionResult]:
     """Segment every input; a bad or unknown file is reported in its result (and ``predictions.csv``) and the run
     goes on.
+
+    Volumes (NIfTI, NRRD, 3D HDF5) are segmented slice by slice along ``slice_axis`` (``None``: the through-plane
+    axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
+    (identity for HDF5, which has none); a volume is routed by its middle slice; its overlay shows a few slices in
+    one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette PNG of class ids (see
+    :func:`~.data.write_mask`).
 
     Raises:
         ConfigError: an output file (a mask, an overlay or ``predictions.csv``) already exists and ``overwrite``
             is false; nothing has been written then.
     """
     from .data import read_image, read_volume, write_mask
-    from .reporting import overlay_png
+    from .data.readers import read_hdf5, through_plane_axis
+    from .reporting import overlay_png, volume_overlay_png
 
     out = Path(out_dir)
     files = collect_inputs(inputs)
@@ -167,7 +188,7 @@ def predict_files(
     plan = plan_outputs(files, roots, out)
     planned = list(plan.values()) + [out / DECISIONS_CSV]
     if overlays:
-        planned += [target.with_name(target.stem + "_overlay.png") for target in plan.values()]
+        planned += [overlay_path(target) for target in plan.values()]
     existing = [path for path in planned if path.exists()]
     if existing and not overwrite:
         raise ConfigError(
@@ -175,12 +196,24 @@ def predict_files(
             "or pass --overwrite to replace them"
         )
     results = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        files = tqdm(files, desc="predict", unit="file")
     for source in files:
         target = plan[source]
         try:
-            if suffix_of(source) in VOLUME_SUFFIXES:
-                volume, affine = read_volume(source)
-                slices = np.moveaxis(np.asarray(volume, dtype=np.float32), slice_axis, 0)
+            if is_volume_file(source):
+                if suffix_of(source) in (".h5", ".hdf5"):
+                    volume, affine = read_hdf5(source, "image"), np.eye(4)
+                    spacing = None
+                else:
+                    volume, affine = read_volume(source)
+                    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).tolist()
+                axis = through_plane_axis(volume.shape, spacing) if slice_axis is None else slice_axis
+                if not 0 <= axis < volume.ndim:
+                    raise DataError(f"{source}: slice axis {axis} does not exist in a volume of shape {volume.shape}")
+                slices = np.moveaxis(np.asarray(volume, dtype=np.float32), axis, 0)
                 middle = slices[len(slices) // 2][None]
                 chosen, how, confidence = choose_modality(model, modality, {"source": source}, middle, min_confidence)
                 if chosen is None:
@@ -188,9 +221,13 @@ def predict_files(
                     continue
                 meta = {"dtype": str(volume.dtype)}
                 masks = [predict_array(model, slice_[None], chosen, meta) for slice_ in slices]
-                mask = np.moveaxis(np.stack(masks), 0, slice_axis)
-                write_mask(mask.astype(mask_dtype(mask)), target, affine=affine)
-                results.append(PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence))
+                mask = np.moveaxis(np.stack(masks), 0, axis)
+                write_mask(mask, target, affine=affine)
+                result = PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence)
+                if overlays:
+                    result.overlay = volume_overlay_png(volume, mask, axis, overlay_path(target),
+                                                        title=f"{source.name} [{chosen}]")
+                results.append(result)
                 continue
             record = read_image(source)
             chosen, how, confidence = choose_modality(model, modality, {**record.meta, "source": source},
@@ -199,10 +236,10 @@ def predict_files(
                 results.append(_unknown(source, confidence))
                 continue
             mask = predict_array(model, record.array, chosen, record.meta)
-            write_mask(mask.astype(mask_dtype(mask)), target)
+            write_mask(mask, target, num_classes=model.modalities[chosen].num_classes)
             result = PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence)
             if overlays:
-                result.overlay = overlay_png(record.array, mask, None, target.with_name(target.stem + "_overlay.png"),
+                result.overlay = overlay_png(record.array, mask, None, overlay_path(target),
                                              title=f"{source.name} [{chosen}]")
             results.append(result)
         except M4oEError as error:

@@ -48,6 +48,7 @@ def run_protocol(
     max_test_images: int | None = None,
     keep_predictions: bool = True,
     save_dir: str | Path | None = None,
+    label_names: Sequence[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -55,7 +56,9 @@ def run_protocol(
 
     Returns:
         ``(rows, skipped)`` as :func:`~m4oe_adapters.evaluation.evaluate_samples`, each row tagged with ``mode``,
-        ``shots`` (``"all"`` for every image) and ``domain`` (``"in"``/``"out"``).
+        ``shots`` (``"all"`` for every image), ``domain`` (``"in"``/``"out"``) and the ``train_images`` /
+        ``val_images`` counts of the run that made it. ``label_names``: class names, background first
+        (default: the dataset's known names, else ``class_<k>``).
     """
     train_config = train_config or TrainConfig()
     pool = [s for s in samples if s.site in set(train_sites)]
@@ -79,17 +82,23 @@ def run_protocol(
                 backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
                 in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
                 train_config=train_config, output=output, progress=progress,
+                label_names=None if label_names is None else list(label_names),
+                num_classes=None if label_names is None else len(label_names),
             )
+            log(f"[{modality}] mode={mode} shots={tag}: trained on {fit.provenance['num_labelled_images']} images "
+                f"({len(fit.train_samples)} samples), validated on {fit.provenance['num_validation_images']}")
             fit.segmenter.eval()
             for domain, site, members in [("in", ",".join(train_sites), in_domain)] + [
                 ("out", site, members) for site, members in out_domain.items()
             ]:
-                extra = {"mode": mode, "shots": tag, "domain": domain, "site": site}
+                extra = {"mode": mode, "shots": tag, "domain": domain, "site": site,
+                         "train_images": fit.provenance["num_labelled_images"],
+                         "val_images": fit.provenance["num_validation_images"]}
                 predictor = device_predictor(fit.segmenter, module_device(fit.segmenter), train_config.precision)
                 found, bad = evaluate_samples(
                     predictor, members, preset=fit.preset, in_chans=in_chans, num_classes=fit.num_classes,
                     label_names=fit.label_names, input_size=size, resize_mode=resize_mode, extra=extra,
-                    keep_predictions=keep_predictions,
+                    keep_predictions=keep_predictions, progress=progress, volumes=True,
                 )
                 rows += found
                 skipped += bad

@@ -6,10 +6,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# Class colours (class 0 is never drawn). Class 1 is blue, not red: red outlines vanish on fundus and endoscopy
+# images; green is kept for the reference (expert) mask's outline.
 PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]],
+    [[0, 0, 0], [0, 120, 255], [255, 140, 0], [230, 0, 230], [255, 230, 0], [0, 230, 230], [150, 80, 255]],
     dtype=np.float32,
 )
+REFERENCE_COLOUR = (0, 230, 0)
 
 
 def display_image(raw: np.ndarray) -> np.ndarray:
@@ -23,15 +26,32 @@ def display_image(raw: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(scaled) * 255).astype(np.uint8)
 
 
-def overlay(raw: np.ndarray, prediction: np.ndarray, label: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
-    """``[H, W, 3]`` uint8: prediction classes tinted (red for class 1...), the expert mask's outline in green."""
+def line_width(height: int, width: int) -> int:
+    """Outline thickness in pixels that stays visible once a large image is shown scaled down (1 px at 300 px)."""
+    return max(1, round(min(height, width) / 300))
+
+
+def overlay(raw: np.ndarray, prediction: np.ndarray, label: np.ndarray | None = None, alpha: float = 0.3) -> np.ndarray:
+    """``[H, W, 3]`` uint8: predicted classes lightly tinted and outlined in their colour (blue for class 1...),
+    the reference (expert) mask outlined in green; outlines thicken with the image size."""
     base = display_image(raw).astype(np.float32)
+    prediction = np.asarray(prediction)
     colours = PALETTE[np.clip(prediction, 0, len(PALETTE) - 1)]
     tinted = np.where(prediction[..., None] > 0, (1 - alpha) * base + alpha * colours, base)
+    thickness = line_width(*prediction.shape)
+    predicted_edge = thicken(label_edges(prediction), thickness)
+    tinted[predicted_edge] = colours[predicted_edge]
     if label is not None:
-        edge = label_edges(label)
-        tinted[edge] = [0, 255, 0]
+        tinted[thicken(label_edges(np.asarray(label)), thickness)] = REFERENCE_COLOUR
     return tinted.clip(0, 255).astype(np.uint8)
+
+
+def thicken(edge: np.ndarray, thickness: int) -> np.ndarray:
+    if thickness <= 1:
+        return edge
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(edge, iterations=thickness - 1)
 
 
 def label_edges(label: np.ndarray) -> np.ndarray:
@@ -43,15 +63,75 @@ def label_edges(label: np.ndarray) -> np.ndarray:
     return edge & (label > 0)
 
 
+def caption(picture, text: str) -> None:
+    """Write ``text`` in the top-left corner, on a dark band, in a font scaled to the picture (readable on a
+    3500 px photograph and on a 128 px slice alike); text that does not fit loses its middle, not its end."""
+    from PIL import ImageDraw, ImageFont
+
+    if not text:
+        return
+    size = max(10, round(min(picture.size) / 28))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(picture)
+    limit = picture.size[0] - 2 * size // 3
+    if draw.textlength(text, font=font) > limit:  # elide the middle: the start (what) and end (score) stay
+        head, tail = text[: len(text) // 2], text[len(text) // 2 :]
+        while len(head) + len(tail) > 8 and draw.textlength(head + "…" + tail, font=font) > limit:
+            head, tail = (head[:-1], tail) if len(head) >= len(tail) else (head, tail[1:])
+        text = head + "…" + tail
+    left, top, right, bottom = draw.textbbox((size // 3, size // 3), text, font=font)
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((size // 3, size // 3), text, fill=(255, 255, 0), font=font)
+
+
 def overlay_png(raw, prediction, label, path: str | Path, title: str = "") -> Path:
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from .adapter_file import atomic_write
 
     picture = Image.fromarray(overlay(raw, prediction, label))
-    if title:
-        ImageDraw.Draw(picture).text((4, 4), title, fill=(255, 255, 0))
+    caption(picture, title)
     return atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
+
+
+def volume_overlay_png(
+    volume: np.ndarray, prediction: np.ndarray, axis: int, path: str | Path, title: str = "",
+    label: np.ndarray | None = None, count: int = 4,
+) -> Path:
+    """A few slices of a volume side by side in one PNG, each with its overlay and ``slice k`` caption.
+
+    Args:
+        volume, prediction (and label): ``[X, Y, Z]`` arrays of one shape; ``axis``: the slicing axis.
+        count: slices shown, evenly spread over those with predicted (or reference) foreground, else the volume.
+    """
+    from PIL import Image
+
+    from .adapter_file import atomic_write
+
+    volume, prediction = np.moveaxis(np.asarray(volume), axis, 0), np.moveaxis(np.asarray(prediction), axis, 0)
+    label = None if label is None else np.moveaxis(np.asarray(label), axis, 0)
+    marked = prediction.reshape(len(prediction), -1).any(1)
+    if label is not None:
+        marked |= label.reshape(len(label), -1).any(1)
+    candidates = np.flatnonzero(marked) if marked.any() else np.arange(len(volume))
+    chosen = sorted({int(candidates[round(i)]) for i in np.linspace(0, len(candidates) - 1, min(count, len(candidates)))})
+    tiles = []
+    for index in chosen:
+        tile = Image.fromarray(overlay(volume[index][None], prediction[index], None if label is None else label[index]))
+        caption(tile, f"slice {index} (axis {axis})")
+        tiles.append(tile)
+    band = max(16, round(min(tiles[0].size) / 12)) if title else 0
+    sheet = Image.new("RGB", (sum(t.size[0] for t in tiles), max(t.size[1] for t in tiles) + band))
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, band))
+        x += tile.size[0]
+    if title:
+        caption(sheet, title)
+    return atomic_write(path, lambda temporary: sheet.save(temporary, format="PNG"))
 
 
 def dice_plot(summary: Sequence[dict[str, Any]], path: str | Path) -> Path | None:

@@ -78,6 +78,9 @@ class BackboneSegmenter(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.mode = mode
+        self.expert_config, self.decoder_config = expert_config, decoder_config  # written into its file
+        # The backbone as it was before LoRA injection or fine-tuning: its file names these starting weights.
+        self.backbone_identity = backbone.identity()
         self.decoder = ModalityDecoder(
             backbone.feature_channels, backbone.in_chans, num_classes, decoder_config.channels,
             decoder_config.stem_channels,
@@ -124,6 +127,7 @@ class ScratchUNet(nn.Module):
         from monai.networks.nets import UNet
 
         self.mode = "scratch"
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.net = UNet(
             spatial_dims=2, in_channels=in_chans, out_channels=num_classes, channels=(16, 32, 64, 128, 256),
             strides=(2, 2, 2, 2), num_res_units=2, norm="batch",
@@ -131,6 +135,11 @@ class ScratchUNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def description(self) -> dict[str, Any]:
+        """The architecture, as its file records it."""
+        return {"name": "monai.networks.nets.UNet", "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
+                "num_res_units": 2, "norm": "batch", "in_chans": self.in_chans, "num_classes": self.num_classes}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())

@@ -19,6 +19,8 @@ from m4oe_adapters import (
     save_adapter,
 )
 
+from m4oe_adapters.adapter_file import read_header
+
 from conftest import tiny_backbone, tiny_model
 
 
@@ -166,26 +168,37 @@ def test_plain_safetensors_without_m4oe_metadata_is_refused(tmp_path, model):
         inspect_adapter(path)
 
 
-def test_nan_tensor_is_refused(model, tmp_path):
-    with torch.no_grad():
-        next(iter(model.expert_layers.values())).lora_A["CT"][0, 0] = float("nan")
+def test_nan_tensor_is_refused_on_read_and_never_written(model, tmp_path):
+    import safetensors
+    import safetensors.torch
+
     path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
+    with safetensors.safe_open(str(path), "pt") as stream:
+        header, tensors = stream.metadata(), {key: stream.get_tensor(key) for key in stream.keys()}
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    tensors[key][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, str(path), metadata=header)  # a file corrupted by someone else
     with pytest.raises(AdapterFormatError, match="NaN"):
         inspect_adapter(path)
+    with torch.no_grad():
+        next(iter(model.expert_layers.values())).lora_A["CT"][0, 0] = float("nan")
+    with pytest.raises(AdapterFormatError, match="refusing to write.*NaN"):
+        save_adapter(model, "CT", tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_partial_file(model, tmp_path, monkeypatch):
-    import safetensors.torch
+    import pathlib
 
     path = save_adapter(model, "CT", tmp_path / "ct.safetensors")
     before = path.read_bytes()
 
-    def broken_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as stream:
+    def broken_write(self, data):
+        with open(self, "wb") as stream:
             stream.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", broken_write)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, "CT", path)
     assert path.read_bytes() == before
@@ -233,3 +246,64 @@ def test_channel_and_layer_set_refusals_name_both_sides(model, tmp_path):
     with pytest.raises(BackboneMismatchError, match=r"20 vs 5 layers; only in the file: \[.*mlp.*\], only in the mod"):
         load_adapter(attention_only, path)
     assert not attention_only.modalities
+
+
+def _with_header_length(data: bytes, wanted_low_bytes: bytes) -> bytes:
+    """The same adapter with its header padded by spaces (valid JSON whitespace, as safetensors pads) to a length
+    whose little-endian bytes, i.e. the file's first bytes, start with ``wanted_low_bytes``."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header, body = data[8 : 8 + length].rstrip(b" "), data[8 + length :]
+    modulus, target = 256 ** len(wanted_low_bytes), int.from_bytes(wanted_low_bytes, "little")
+    padded = len(header) + (target - len(header)) % modulus
+    return struct.pack("<Q", padded) + header + b" " * (padded - len(header)) + body
+
+
+def test_every_header_length_low_byte_round_trips_including_pickle_and_zip_lookalikes(model, tmp_path):
+    """The first byte of a safetensors file is its header length's low byte: 0x80 (pickle PROTO) and "PK" (zip)
+    are valid lengths, and such adapters must load (issue 17: 1 adapter in 256 was refused as a pickle)."""
+    x = torch.randn(1, 1, 64, 64)
+    expected = model(x, "CT")
+    saved = save_adapter(model, "CT", tmp_path / "saved.safetensors").read_bytes()
+    path = tmp_path / "ct.safetensors"
+    fresh = tiny_model(modalities=()).eval()
+    for low in [bytes([value]) for value in range(256)] + [b"PK"]:
+        path.write_bytes(_with_header_length(saved, low))
+        assert path.read_bytes()[: len(low)] == low
+        assert read_header(path)[0]["modality"] == "CT"  # the header check that refused 1 file in 256
+        if low in (b"\x80", b"PK", b"\x00", b"\xff"):  # and the whole path inspect, predict and eval take
+            assert inspect_adapter(path)["metadata"]["modality"] == "CT"
+            load_adapter(fresh, path, replace=True)
+            assert torch.allclose(fresh(x, "CT"), expected, atol=1e-6), f"first bytes {low!r}"
+
+
+def test_save_writes_files_whose_header_length_starts_with_0x80_and_reads_them(model, tmp_path):
+    """The writer's side of the same bug: the safetensors writer pads headers to 8 bytes, so a save whose header
+    is 0x..80 bytes long happens once in 32 saves; provenance padding makes one on purpose."""
+    path = tmp_path / "ct.safetensors"
+    info = model.modalities["CT"]
+    for padding in range(0, 256, 8):
+        info.provenance = {"note": "x" * padding}
+        save_adapter(model, "CT", path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    fresh = tiny_model(modalities=())
+    assert load_adapter(fresh, path).provenance["note"] == info.provenance["note"]
+
+
+def test_real_pickle_and_zip_files_are_still_named_as_such(tmp_path, model):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(3)}, path)  # a zip file
+    with pytest.raises(AdapterFormatError, match="pickle/zip"):
+        load_adapter(model, path)
+    path.write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(AdapterFormatError, match="pickle/zip"):
+        load_adapter(model, path)
+
+
+def test_save_refuses_what_load_would_refuse_and_leaves_no_file(model, tmp_path):
+    model.modalities["CT"].label_names = ["background", "x" * 129]
+    path = tmp_path / "ct.safetensors"
+    with pytest.raises(AdapterFormatError, match="refusing to write.*at most 128 characters"):
+        save_adapter(model, "CT", path)
+    assert not path.exists() and not list(tmp_path.iterdir())

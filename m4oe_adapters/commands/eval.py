@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_backbone_arguments, add_runtime_arguments, load_backbone_from_args, runtime_from_args
+from .common import (add_backbone_arguments, add_runtime_arguments, add_threads_argument, apply_threads,
+                     load_backbone_from_args, runtime_from_args)
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
@@ -15,7 +16,7 @@ def register(subparsers) -> None:
     add_backbone_arguments(parser, required=False)
     add_data_arguments(parser)
     parser.add_argument("--modality", required=True)
-    parser.add_argument("--adapter", default=None, help="adapter file to evaluate (without --train-sites)")
+    parser.add_argument("--adapter", default=None, help="file written by m4oe train (any --mode) to evaluate (without --train-sites)")
     parser.add_argument("--sites", default=None, help="sites to evaluate the adapter on (default: all)")
     parser.add_argument("--train-sites", default=None, help="protocol: comma-separated training sites")
     parser.add_argument("--test-sites", default=None, help="protocol: comma-separated unseen test sites")
@@ -32,8 +33,11 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=None)
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
+    parser.add_argument("--labels", default=None, help="comma-separated class names, background first, for the "
+                        "report (default: the adapter's names; protocol: the dataset's known names, else class_<k>)")
     parser.add_argument("--out", required=True, help="report folder (report.md, metrics.csv/json, PNGs)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (images, windows, steps)")
+    add_threads_argument(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..evaluation import write_outputs
 
+    apply_threads(args)
     if args.train_sites:
         rows, skipped, title, notes = run_protocol_from_args(args)
     elif args.adapter:
@@ -59,24 +64,31 @@ def backbone_note(backbone) -> str:
 
 
 def evaluate_adapter_from_args(args):
-    from ..adapter_file import model_from_adapter
+    from ..errors import ConfigError
     from ..evaluation import evaluate_samples
     from ..runtime import device_predictor
+    from ..segmenter_file import load_segmenter
 
     device, precision = runtime_from_args(args)
     backbone = load_backbone_from_args(args) if args.backbone else None
-    model = model_from_adapter(args.adapter, args.weights, backbone=backbone).eval().to(device)
-    info = model.modalities[args.modality] if args.modality in model.modalities else next(iter(model.modalities.values()))
+    loaded = load_segmenter(args.adapter, args.weights, backbone=backbone)
+    loaded.segmenter.eval().to(device)
+    info = loaded.info
+    if loaded.model is not None and args.modality in loaded.model.modalities:
+        info = loaded.model.modalities[args.modality]
+    label_names = comma_list(args.labels) or info.label_names
+    if len(label_names) != info.num_classes:
+        raise ConfigError(f"--labels names {len(label_names)} classes, the adapter {args.adapter} has "
+                          f"{info.num_classes} ({', '.join(info.label_names)})")
     samples = select_samples(args, args.modality, comma_list(args.sites))
     rows, skipped = evaluate_samples(
-        device_predictor(lambda x: model(x, info.name), device, precision), samples, preset=info.preset,
-        in_chans=model.backbone.in_chans,
-        num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
-        resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": info.provenance.get("mode", "experts")},
-        keep_predictions=True,
+        device_predictor(loaded, device, precision), samples, preset=info.preset, in_chans=loaded.in_chans,
+        num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
+        resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
+        keep_predictions=True, progress=not args.no_progress, volumes=True,
     )
-    notes = [f"adapter {args.adapter} ({info.name}, trained on sites {info.provenance.get('sites')})",
-             backbone_note(model.backbone)]
+    notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
+             f"{info.provenance.get('sites')})", loaded.backbone_note]
     return rows, skipped, f"Evaluation of {args.adapter}", notes
 
 
@@ -100,12 +112,16 @@ def run_protocol_from_args(args):
         in_chans=probe.in_chans if probe else (args.in_chans or 3), size=(args.size, args.size),
         resize_mode=args.resize, val_count=args.val, expert_config=ExpertConfig(rank=args.rank),
         max_test_images=args.max_test_images, save_dir=args.save_adapters, progress=not args.no_progress,
+        label_names=comma_list(args.labels),
     )
+    counts = sorted({(str(row["mode"]), str(row["shots"]), row["train_images"], row["val_images"]) for row in rows})
     notes = [
         f"modality {args.modality}; trained on {', '.join(train_sites)}; unseen sites {', '.join(test_sites)}",
         f"modes {', '.join(modes)}; shots {args.shots}; {args.steps} steps, batch {args.batch}, lr {args.lr}, "
         f"size {args.size} ({args.resize}), seed {args.seed}",
         backbone_note(probe) if probe else "scratch U-Net only",
+        "training images (validation images) per run: "
+        + "; ".join(f"{mode} {shots} shots: {train} ({val})" for mode, shots, train, val in counts),
         "command: m4oe " + " ".join(args.argv),
     ]
     return rows, skipped, f"Site generalisation: {args.modality}", notes

@@ -6,8 +6,8 @@ import json
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="print an adapter file's metadata, tensor and parameter counts")
-    parser.add_argument("file", help="adapter .safetensors file")
+    parser = subparsers.add_parser("inspect", help="print an adapter file's metadata, tensor and parameter counts (any training mode)")
+    parser.add_argument("file", help="adapter .safetensors file written by m4oe (any mode)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.set_defaults(func=run)
 
@@ -51,24 +51,49 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     meta = report["metadata"]
-    backbone = meta["backbone"]
+    backbone = meta.get("backbone")
     provenance = meta.get("provenance", {})
+    mode = meta.get("mode", "experts")
     lines = [
         f"file            {report['file']} ({report['size_bytes'] / 1e6:.2f} MB, {meta['dtype']})",
         f"format          {meta['format']} v{meta['format_version']}",
+        f"mode            {mode}" + ("" if mode in ("experts", "decoder") else " (a baseline, not an expert adapter)"),
         f"modality        {meta['modality']}",
         f"classes         {meta['num_classes']}: {', '.join(meta['label_names'])}",
         f"preset          {json.dumps(meta['preset'])}",
-        f"input           {meta['in_chans']} channel(s), {meta['input_size'][0]}x{meta['input_size'][1]} px",
-        f"experts         rank {meta['expert']['rank']}, alpha {meta['expert']['alpha']}, "
-        f"{report['expert_layers']} layers matching {meta['expert']['target_pattern']}",
-        f"backbone        {describe_backbone(backbone['family'], backbone['name'], backbone.get('model_args'))} "
-        f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
-        *backbone_lines(backbone),
-        f"fingerprint     {backbone['fingerprint']}",
+        f"input           {meta['in_chans']} channel(s), {meta['input_size'][0]}x{meta['input_size'][1]} px, "
+        f"{provenance.get('resize_mode', 'crop')} mode",
+    ]
+    if mode in ("experts", "decoder", "lora"):
+        expert = meta["expert"]
+        layers = f"{report['expert_layers']} layers" if mode != "lora" else "layers"
+        lines.append(f"{'experts' if mode != 'lora' else 'lora':<16}rank {expert['rank']}, alpha {expert['alpha']}, "
+                     f"{layers} matching {expert['target_pattern']}")
+    if backbone is None:
+        lines.append(f"network         {json.dumps(meta.get('network', {}))} (trained from scratch, no backbone)")
+    else:
+        routing = meta.get("routing")
+    if routing:
+        lines.append(f"routing         signature of {routing['images']} images ({report['routing_signature_bytes']:,} "
+                     f"bytes), min confidence {routing['min_confidence']:g}")
+    lines += [
+            f"backbone        {describe_backbone(backbone['family'], backbone['name'], backbone.get('model_args'))} "
+            f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
+            *backbone_lines(backbone),
+            f"fingerprint     {backbone['fingerprint']}",
+        ]
+    if mode in ("experts", "decoder"):
+        parameters = (f"{report['parameters']:,} (experts {report['expert_parameters']:,}, "
+                      f"decoder+head {report['decoder_parameters']:,})")
+    else:
+        parameters = f"{report['parameters']:,} (the {mode} model's stored state)"
+    routing = meta.get("routing")
+    if routing:
+        lines.append(f"routing         signature of {routing['images']} images ({report['routing_signature_bytes']:,} "
+                     f"bytes), min confidence {routing['min_confidence']:g}")
+    lines += [
         f"tensors         {report['tensors']}",
-        f"parameters      {report['parameters']:,} (experts {report['expert_parameters']:,}, "
-        f"decoder+head {report['decoder_parameters']:,})",
+        f"parameters      {parameters}",
         f"provenance      {json.dumps(provenance)}",
         f"metrics         {json.dumps(meta.get('metrics', {}))}",
     ]

@@ -22,7 +22,7 @@ from ..errors import DataError
 from .errors import ManifestError, MaskError
 from .known_datasets import KNOWN_DATASETS, label_names
 from .masks import read_mask
-from .readers import IMAGE_SUFFIXES_ALL, hdf5_shape, read_hdf5, read_image, read_volume, suffix
+from .readers import IMAGE_SUFFIXES_ALL, hdf5_shape, read_hdf5, read_image, read_volume, suffix, through_plane_axis
 
 REQUIRED_COLUMNS = ("dataset", "modality", "site", "image", "mask")
 # Mask-name endings stripped (case-insensitively) before pairing with an image of the same stem.
@@ -83,9 +83,11 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- manifests
-def read_manifest(csv_path: str | Path, *, expand_volumes: bool = True, nonempty_slices: bool = True) -> list[Sample]:
-    """Samples of a manifest CSV (absolute paths); 3D volumes become one sample per slice (only slices whose mask
-    has foreground when ``nonempty_slices``).
+def read_manifest(
+    csv_path: str | Path, *, expand_volumes: bool = True, nonempty_slices: bool = True, slice_axis: int | None = None
+) -> list[Sample]:
+    """Samples of a manifest CSV (absolute paths); 3D volumes become one sample per slice along ``slice_axis``
+    (see :func:`expand_volume`; only slices whose mask has foreground when ``nonempty_slices``).
 
     Raises:
         ManifestError: missing CSV or columns, or a row naming a missing file (with its line number).
@@ -120,7 +122,7 @@ def read_manifest(csv_path: str | Path, *, expand_volumes: bool = True, nonempty
             slice_index=slice_index,
         )
         try:
-            samples += expand_volume(sample, nonempty_slices) if expand_volumes else [sample]
+            samples += expand_volume(sample, nonempty_slices, slice_axis) if expand_volumes else [sample]
         except DataError as error:
             raise ManifestError(f"{csv_path}, line {line}: {error}") from None
     return samples
@@ -136,24 +138,34 @@ def is_volume(sample: Sample) -> bool:
     return False
 
 
-def expand_volume(sample: Sample, nonempty_slices: bool = True) -> list[Sample]:
+def expand_volume(sample: Sample, nonempty_slices: bool = True, slice_axis: int | None = None) -> list[Sample]:
     """One sample per slice of a 3D image (only slices whose mask is non-empty when ``nonempty_slices``); a 2D
-    image or a sample that already has a slice index is returned as is."""
+    image or a sample that already has a slice index is returned as is.
+
+    The slicing axis is ``slice_axis`` when given, else the dataset's known ``volume_axis``, else the volume's
+    through-plane axis (:func:`~.readers.through_plane_axis`: coarsest spacing in the header; with isotropic or
+    unknown spacing, as in HDF5, the axis with the fewest voxels)."""
     if sample.slice_index is not None or not is_volume(sample):
         return [sample]
-    if suffix(sample.image) in (".h5", ".hdf5"):  # SSL4MIS volumes are [Z, H, W]
-        axis = 0
-        count = hdf5_shape(sample.image, "image")[0]
-        labels = read_hdf5(sample.mask, "label") if sample.mask else None
+    known = KNOWN_DATASETS.get(sample.dataset, {}).get("volume_axis")
+    if suffix(sample.image) in (".h5", ".hdf5"):
+        shape = hdf5_shape(sample.image, "image")
+        axis = slice_axis if slice_axis is not None else known if known is not None else through_plane_axis(shape)
+        labels = read_hdf5(sample.mask, "label") if sample.mask and nonempty_slices else None
     else:
-        axis = KNOWN_DATASETS.get(sample.dataset, {}).get("volume_axis", sample.slice_axis)
-        volume, _ = read_volume(sample.image)
+        volume, affine = read_volume(sample.image)
         if volume.ndim == 2:
             return [sample]
-        count = volume.shape[axis]
-        labels = read_volume(sample.mask)[0] if sample.mask and suffix(sample.mask) == suffix(sample.image) else None
+        shape = volume.shape
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).tolist()
+        axis = slice_axis if slice_axis is not None else known if known is not None else through_plane_axis(shape, spacing)
+        labels = (read_volume(sample.mask)[0] if nonempty_slices and sample.mask and suffix(sample.mask) == suffix(sample.image)
+                  else None)
         if labels is not None and labels.shape != volume.shape:
             raise MaskError(f"{sample.mask}: label volume {labels.shape} differs from image {sample.image} {volume.shape}")
+    if not 0 <= axis < len(shape):
+        raise DataError(f"{sample.image}: slice axis {axis} does not exist in a volume of shape {tuple(shape)}")
+    count = shape[axis]
     keep = range(count)
     if nonempty_slices and labels is not None:
         keep = [k for k in keep if np.take(labels, k, axis=axis).any()]
@@ -182,6 +194,7 @@ def samples_from_folders(
     dataset: str = "folder",
     encoding: str = "auto",
     nonempty_slices: bool = True,
+    slice_axis: int | None = None,
 ) -> list[Sample]:
     """Pair images and masks by file stem, tolerating mask endings such as ``_mask``, ``_manual1``, ``_1stHO``,
     ``_lesion``, ``_Annotation`` (case-insensitive) and image endings ``_training``/``_test``. Without
@@ -217,7 +230,7 @@ def samples_from_folders(
         if mask_dir is not None and mask is None:
             raise ManifestError(f"{image}: no mask named like {stem}[_mask|_manual1|...] in {mask_dir}")
         samples.append(Sample(dataset, modality, site, image, mask, mask_encoding=encoding))
-    return [piece for sample in samples for piece in expand_volume(sample, nonempty_slices)]
+    return [piece for sample in samples for piece in expand_volume(sample, nonempty_slices, slice_axis)]
 
 
 def select(samples: Sequence[Sample], *, modality: str | None = None, sites: Sequence[str] | None = None,

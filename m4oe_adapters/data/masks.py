@@ -105,7 +105,7 @@ def read_mask(
     encoding: str = "auto",
     image_record: ImageRecord | None = None,
     dataset: str | None = None,
-    slice_axis: int = 2,
+    slice_axis: int | None = None,
     slice_index: int | None = None,
     palette: dict | None = None,
 ) -> np.ndarray:
@@ -117,7 +117,7 @@ def read_mask(
         image_record: the image this mask belongs to: the mask must have its H, W, and datasets with their own
             mask reader (CXR crops, DICOM ↔ NRRD) need it.
         dataset: a manifest ``dataset`` name, looked up in ``KNOWN_DATASETS``.
-        slice_axis, slice_index: which slice of a volume (HDF5 volumes are ``[Z, H, W]``: axis 0).
+        slice_axis, slice_index: which slice of a volume (default axis: 2 for NIfTI/NRRD, 0 for HDF5).
         palette: ``{(r, g, b): class_id}`` for ``encoding="rgb"``.
 
     Raises:
@@ -139,9 +139,9 @@ def read_mask(
         kind = suffix(path)
         try:
             if kind in (".h5", ".hdf5"):
-                values = take_slice(read_hdf5(path, "label"), path, 0, slice_index)
+                values = take_slice(read_hdf5(path, "label"), path, 0 if slice_axis is None else slice_axis, slice_index)
             elif kind in (".nii", ".nii.gz", ".nrrd"):
-                values = take_slice(read_volume(path)[0], path, slice_axis, slice_index)
+                values = take_slice(read_volume(path)[0], path, 2 if slice_axis is None else slice_axis, slice_index)
             else:
                 values, _ = read_pil(path)
         except ImageReadError as error:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -257,12 +257,24 @@ def read_hdf5(path: Path, dataset: str) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read the HDF5 file ({type(error).__name__}: {error})") from None
 
 
-def read_image(path: str | Path, *, slice_axis: int = 2, slice_index: int | None = None) -> ImageRecord:
+def through_plane_axis(shape: Sequence[int], spacing: Sequence[float] | None = None) -> int:
+    """The axis a 3D volume is sliced along by default: the one with the coarsest voxel spacing (the slice
+    thickness, from the header); when the spacing is isotropic or unknown (HDF5), the axis with the fewest voxels.
+
+    Args:
+        shape: the volume's 3 dimensions; spacing: mm per voxel along each (``None``: unknown).
+    """
+    if spacing is not None and len(spacing) == 3 and max(spacing) > 1.01 * min(spacing):
+        return int(np.argmax(spacing))
+    return int(np.argmin(shape))
+
+
+def read_image(path: str | Path, *, slice_axis: int | None = None, slice_index: int | None = None) -> ImageRecord:
     """One 2D image as ``[C, H, W]`` float32 raw values (HU for DICOM CT), C = 1 (grey) or 3 (colour).
 
     Formats: PNG, JPG/JPEG, TIF/TIFF, BMP, GIF, DICOM (.dcm), NIfTI (.nii/.nii.gz), NRRD, HDF5 (``image`` dataset).
-    3D inputs need ``slice_index``: NIfTI/NRRD slice along ``slice_axis`` (default 2, the stored z axis); HDF5
-    volumes are ``[Z, H, W]`` and always slice along axis 0.
+    3D inputs need ``slice_index``: the slice along ``slice_axis`` (default: 2, the stored z axis, for NIfTI/NRRD;
+    0 for HDF5, SSL4MIS's ``[Z, H, W]``).
 
     Raises:
         ImageReadError: missing, unreadable, truncated, unsupported, too large, NaN/Inf, wrong channel count.
@@ -285,16 +297,18 @@ def read_image(path: str | Path, *, slice_axis: int = 2, slice_index: int | None
         spacing = np.linalg.norm(affine[:3, :3], axis=0).tolist()
         meta.update(affine=affine.tolist(), dtype=str(volume.dtype), shape=list(volume.shape),
                     volume_shape=list(volume.shape), spacing=spacing)
+        slice_axis = 2 if slice_axis is None else slice_axis
         if volume.ndim == 3:
-            meta.update(slice_axis=slice_axis, slice_index=slice_index,
+            meta.update(slice_axis=slice_axis, slice_index=slice_index, volume_spacing=spacing,
                         spacing=[s for axis, s in enumerate(spacing) if axis != slice_axis])
         array = take_slice(volume, path, slice_axis, slice_index)[None]
     elif kind in HDF5_SUFFIXES:
         volume = read_hdf5(path, "image")
         meta.update(dtype=str(volume.dtype), shape=list(volume.shape))
+        slice_axis = 0 if slice_axis is None else slice_axis
         if volume.ndim == 3:
-            meta.update(volume_shape=list(volume.shape), slice_axis=0, slice_index=slice_index)
-        array = take_slice(volume, path, 0, slice_index)[None]
+            meta.update(volume_shape=list(volume.shape), slice_axis=slice_axis, slice_index=slice_index)
+        array = take_slice(volume, path, slice_axis, slice_index)[None]
     else:
         raise ImageReadError(
             f"{path}: unsupported file type {kind!r}; use PNG, JPG, TIF, BMP, GIF, DICOM, NIfTI, NRRD or HDF5"
@@ -319,7 +333,8 @@ def take_slice(volume: np.ndarray, path: Path, axis: int, index: int | None) -> 
 
 
 def write_mask(
-    mask: np.ndarray, path: str | Path, *, like: ImageRecord | None = None, affine: np.ndarray | None = None
+    mask: np.ndarray, path: str | Path, *, like: ImageRecord | None = None, affine: np.ndarray | None = None,
+    num_classes: int | None = None,
 ) -> Path:
     """Write class ids atomically (a temporary file in the same folder, then ``os.replace``).
 
@@ -328,6 +343,9 @@ def write_mask(
         path: ``.png`` (8-bit, or 16-bit above 255 classes) or ``.nii``/``.nii.gz``.
         like: the image the mask belongs to; a PNG mask must have its H, W, a NIfTI one takes its affine.
         affine: 4×4 NIfTI affine (wins over ``like``); identity when neither is given.
+        num_classes: for PNG masks, make them visible in any viewer: 2 classes → 0 (background) / 255
+            (foreground); 3 to 256 → a palette PNG whose pixel values are still the class ids 0..K-1, each shown in
+            its own colour. ``None``: raw class ids (0, 1, 2... look black). NIfTI masks always hold class ids.
 
     Raises:
         MaskError: wrong shape, negative or non-integer ids, or an unsupported suffix.
@@ -369,5 +387,14 @@ def write_mask(
 
     if data.ndim != 2:
         raise MaskError(f"{path}: a PNG mask must be 2D [H, W], got shape {data.shape}; write volumes as NIfTI")
-    picture = Image.fromarray(data.astype(dtype))
+    if num_classes == 2 and data.max(initial=0) <= 1:
+        picture = Image.fromarray((data * 255).astype(np.uint8))
+    elif num_classes is not None and 2 < num_classes <= 256:
+        from ..reporting import PALETTE
+
+        picture = Image.fromarray(data.astype(np.uint8), mode="P")
+        colours = [PALETTE[i % len(PALETTE)] if i else (0, 0, 0) for i in range(num_classes)]
+        picture.putpalette([int(c) for colour in colours for c in colour])
+    else:
+        picture = Image.fromarray(data.astype(dtype))
     return atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))

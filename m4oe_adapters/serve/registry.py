@@ -27,10 +27,10 @@ from ..adapter_file import check_compatible, read_adapter
 from ..config import check_modality_name
 from ..errors import AdapterFormatError
 from ..model import ModalityInfo, SegmentationModel
+from ..signatures import SIGNATURE_PREFIX, ImageSignature  # routing signatures are kept with their slot
 from .errors import AdapterConflict, AdapterNotFound, UnknownModality
 
 VERSION_DIGITS = 12  # hex digits of the sha256 shown as an adapter's version
-SIGNATURE_PREFIX = "signature."  # routing signature tensors (routing issue), kept with their slot
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,9 @@ class AdapterRegistry:
         check_compatible(self.model, metadata, tensors, source)
         # Loading into a slot mirrors load_adapter (add_modality + set_modality_tensors); a tensor kind that
         # load_adapter learns later must not be dropped here without a word.
-        signed = callable(getattr(self.model, "set_signature", None)) and metadata.get("routing") is not None
+        signed = metadata.get("routing") is not None
         placed = set(self.model.expected_tensor_shapes(metadata["num_classes"]))
-        if signed:  # the routing signature (routing issue) is attached to the slot like load_adapter does
+        if signed:  # the routing signature is attached to the slot like load_adapter does
             placed |= {key for key in tensors if key.startswith(SIGNATURE_PREFIX)}
         unknown = set(tensors) - placed
         if unknown:
@@ -183,11 +183,9 @@ class AdapterRegistry:
                 try:
                     self.model.set_modality_tensors(slot, tensors)
                     if signed:
-                        from ..signatures import ImageSignature  # present with the routing issue
-
                         self.model.set_signature(slot, ImageSignature.from_file(metadata["routing"], tensors))
                 except BaseException:
-                    self.model.remove_modality(slot)  # (drops the slot's signature too, in the routing version)
+                    self.model.remove_modality(slot)  # drops the slot's signature too
                     raise
                 info.provenance = dict(metadata.get("provenance", {}))
                 info.metrics = dict(metadata.get("metrics", {}))
