@@ -93,8 +93,11 @@ def run_demo(
     # ---- job 1: one mixed batch, each sample routed to its own modality's expert
     log("[2/3] segmenting a mixed-modality batch (each image routed to its own expert)")
     batch_rows = mixed_batch(model, samples, out, overlay_png, seed)
-    lines += ["## 1. One mixed-modality batch", "", "| image | modality | Dice |", "|---|---|---|"]
-    lines += [f"| {Path(r['image']).name} | {r['modality']} | {r['dice']:.3f} |" for r in batch_rows]
+    lines += ["## 1. One mixed-modality batch", "",
+              "Each image is segmented by its own adapter in one forward pass; the last column is where the image-level "
+              "router sends it without being told (confidence in brackets).", "",
+              "| image | modality | Dice | router's choice |", "|---|---|---|---|"]
+    lines += [f"| {Path(r['image']).name} | {r['modality']} | {r['dice']:.3f} | {r['routed']} |" for r in batch_rows]
     lines += ["", "Overlays: " + ", ".join(f"`{r['overlay']}`" for r in batch_rows), ""]
     # ---- job 2: adapt to an unseen site from a few labelled images
     log(f"[3/3] adapting to a new site from {shots} labelled images ({steps} steps)")
@@ -171,6 +174,8 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
         raws.append((raw, path))
     with torch.no_grad():
         logits = model(torch.stack(images), names)
+    # What the image-level router would have chosen without being told (the adapters' signatures).
+    decisions = model.route([raw for raw, _ in raws]) if model.signatures else [None] * len(names)
     for index, name in enumerate(names):
         prediction = logits[index].argmax(0).numpy()
         dice = score_mask(prediction, labels[index], model.modalities[name].num_classes)
@@ -178,7 +183,10 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
         raw, path = raws[index]
         picture = overlay_png(raw, prediction, labels[index], out / f"batch_{index}_{name}.png",
                               title=f"{name}: Dice {mean_dice:.3f}")
-        rows.append({"image": path, "modality": name, "dice": mean_dice, "overlay": picture.name})
+        decision = decisions[index]
+        routed = "n/a" if decision is None else (
+            f"{decision.modality or 'unknown'} ({decision.confidence:.2g})")
+        rows.append({"image": path, "modality": name, "dice": mean_dice, "overlay": picture.name, "routed": routed})
     return rows
 
 
