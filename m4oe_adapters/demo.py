@@ -68,8 +68,8 @@ def run_demo(
     zoo = Path(zoo) if zoo else default_zoo()
     index = read_index(zoo)
     backbone = load_reference_backbone(zoo)
-    log(f"[1/3] loaded the reference backbone "
-        f"({describe_backbone(backbone.family, backbone.name, backbone.model_args)}); {len(index['adapters'])} adapters")
+    described = describe_backbone(backbone.family, backbone.name, backbone.model_args)
+    log(f"[1/3] loaded the reference backbone ({described}); {len(index['adapters'])} adapters")
     first = zoo / index["adapters"][0]["file"]
     from .adapter_file import read_header
 
@@ -86,7 +86,7 @@ def run_demo(
     lines = [
         "# m4oe demo",
         "",
-        f"- backbone: `{describe_backbone(backbone.family, backbone.name, backbone.model_args)}` from `adapters_zoo/{index['backbone']['path']}` "
+        f"- backbone: `{described}` from `adapters_zoo/{index['backbone']['path']}` "
         f"({index['backbone'].get('description', '')}), fingerprint `{backbone.fingerprint()[:12]}`",
         f"- {len(model.modalities)} adapters loaded onto it in {load_seconds * 1000:.0f} ms: "
         + ", ".join(f"{name} ({info.num_classes} classes)" for name, info in model.modalities.items()),
