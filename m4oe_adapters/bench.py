@@ -312,8 +312,8 @@ def run_benchmark(
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         adapter = save_adapter(model, "m1", folder / "m1.safetensors")
-        switch_seconds, repeat_seconds = modality_switch_times(model, torch.randn(1, 3, img_size, img_size).to(device),
-                                                               rounds=3 * repeats)
+        one_image = torch.randn(1, 3, img_size, img_size).to(device)
+        switch_seconds, repeat_seconds = modality_switch_times(model, one_image, rounds=3 * repeats)
         loads = []
         for _ in range(max(repeats, 5)):
             model.remove_modality("m1")
@@ -450,7 +450,8 @@ def ratios(report: dict[str, Any], k: int) -> dict[str, float]:
         "routed_vs_mixed_latency": latency["routed_4_modalities"] / latency["mixed_4_modalities"],
         "soft_vs_hard_latency": latency["soft_gate"] / latency["unmerged_hard"],
         "switch_ms": report["switch_ms"],
-        "bf16_vs_fp32_time": training["experts_hard_k1_bf16"]["step_seconds"] / training["experts_hard_k1"]["step_seconds"],
+        "bf16_vs_fp32_time": training["experts_hard_k1_bf16"]["step_seconds"]
+        / training["experts_hard_k1"]["step_seconds"],
         "bf16_vs_fp32_activations": training["experts_hard_k1_bf16"]["saved_activation_bytes"]
         / training["experts_hard_k1"]["saved_activation_bytes"],
         "checkpointed_vs_plain_activations": training["experts_hard_k1_checkpointed"]["saved_activation_bytes"]

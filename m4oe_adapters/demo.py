@@ -20,6 +20,7 @@ import torch
 
 from .adapter_file import atomic_write, load_adapter
 from .errors import DataError, M4oEError
+from .runtime import device_predictor, module_device, resolve_device
 
 # Which zoo modality adapts to which unseen site in the demo (first one found in the data is used).
 ADAPTATION_CASES = (("fundus", "CHASE_DB1"), ("endoscopy", "Kvasir-SEG"), ("xray", "imlab-demo"))
@@ -51,8 +52,9 @@ def run_demo(
     seed: int = 0,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Run the demo; returns the numbers written to ``report.md``."""
+    """Run the demo on ``device`` (``auto``: CUDA when present); returns the numbers written to ``report.md``."""
     from .config import DecoderConfig, ExpertConfig
     from .model import SegmentationModel
     from .reporting import overlay_png
@@ -66,8 +68,8 @@ def run_demo(
     zoo = Path(zoo) if zoo else default_zoo()
     index = read_index(zoo)
     backbone = load_reference_backbone(zoo)
-    log(f"[1/3] loaded the reference backbone "
-        f"({describe_backbone(backbone.family, backbone.name, backbone.model_args)}); {len(index['adapters'])} adapters")
+    described = describe_backbone(backbone.family, backbone.name, backbone.model_args)
+    log(f"[1/3] loaded the reference backbone ({described}); {len(index['adapters'])} adapters")
     first = zoo / index["adapters"][0]["file"]
     from .adapter_file import read_header
 
@@ -78,12 +80,13 @@ def run_demo(
     for entry in index["adapters"]:
         load_adapter(model, zoo / entry["file"])
     load_seconds = time.perf_counter() - load_started
+    model.to(resolve_device(device))
     samples, root = real_samples(data)
     real = samples is not None
     lines = [
         "# m4oe demo",
         "",
-        f"- backbone: `{describe_backbone(backbone.family, backbone.name, backbone.model_args)}` from `adapters_zoo/{index['backbone']['path']}` "
+        f"- backbone: `{described}` from `adapters_zoo/{index['backbone']['path']}` "
         f"({index['backbone'].get('description', '')}), fingerprint `{backbone.fingerprint()[:12]}`",
         f"- {len(model.modalities)} adapters loaded onto it in {load_seconds * 1000:.0f} ms: "
         + ", ".join(f"{name} ({info.num_classes} classes)" for name, info in model.modalities.items()),
@@ -173,7 +176,7 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
         names.append(name)
         raws.append((raw, path))
     with torch.no_grad():
-        logits = model(torch.stack(images), names)
+        logits = model(torch.stack(images).to(module_device(model)), names).cpu()
     # What the image-level router would have chosen without being told (the adapters' signatures).
     decisions = model.route([raw for raw, _ in raws]) if model.signatures else [None] * len(names)
     for index, name in enumerate(names):
@@ -209,7 +212,8 @@ def adapt_to_site(model, samples, out: Path, shots: int, steps: int, test_images
     train_samples, test_samples = pool[:shots], pool[shots : shots + test_images]
 
     def score() -> float:
-        rows, _ = evaluate_samples(lambda x: model(x, modality), test_samples, preset=info.preset,
+        rows, _ = evaluate_samples(device_predictor(lambda x: model(x, modality), module_device(model)),
+                                   test_samples, preset=info.preset,
                                    in_chans=model.backbone.in_chans, num_classes=info.num_classes,
                                    label_names=info.label_names, input_size=info.input_size,
                                    resize_mode=info.provenance.get("resize_mode", "crop"))
@@ -246,7 +250,7 @@ def adapt_synthetic(model, shots: int, steps: int, seed: int, progress: bool):
     def score() -> float:
         model.eval()
         with torch.no_grad():
-            logits = model(torch.from_numpy(images[shots:]), "synthetic")
+            logits = model(torch.from_numpy(images[shots:]).to(module_device(model)), "synthetic").cpu()
         return float(np.mean([score_mask(l.argmax(0).numpy(), m, 2)[1]["dice"] for l, m in zip(logits, masks[shots:])]))
 
     before = score()

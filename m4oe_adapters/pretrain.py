@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .adapter_file import atomic_write
 from .errors import ConfigError, DataError
+from .runtime import resolve_device
 
 MASK_PATCH = 32
 CHECKPOINT_NAME = "pretrain_checkpoint.pt"
@@ -172,7 +173,7 @@ def save_backbone(encoder: nn.Module, folder: Path, arch: str, model_args: dict[
 
     folder.mkdir(parents=True, exist_ok=True)
     cast = torch.float16 if dtype == "fp16" else torch.float32
-    state = {k: v.detach().to(cast if v.is_floating_point() else v.dtype).contiguous()
+    state = {k: v.detach().to("cpu", cast if v.is_floating_point() else v.dtype).contiguous()
              for k, v in encoder.state_dict().items() if "relative_position_index" not in k and "attn_mask" not in k}
     atomic_write(folder / "model.safetensors", lambda t: safetensors.torch.save_file(state, t))
     config = {
@@ -214,6 +215,7 @@ def pretrain(
     num_threads: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> Path:
     """Pretrain and write ``out_dir/backbone`` (timm hub folder); returns its path.
 
@@ -224,6 +226,8 @@ def pretrain(
         crop_size: pretraining crop size (multiple of 32; smaller is faster, Swin runs at any multiple of 32).
         checkpoint_every: steps between checkpoints (``pretrain_checkpoint.pt``, written atomically).
         preview_every: steps between reconstruction previews (``preview.png``).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``mps``; batches and masks are drawn on the CPU from
+            the step's seed, so a run is the same data on any device.
     """
     if crop_size % MASK_PATCH or img_size % MASK_PATCH:
         raise ConfigError(f"crop_size and img_size must be multiples of {MASK_PATCH}")
@@ -238,7 +242,8 @@ def pretrain(
         counts[image.dataset] = counts.get(image.dataset, 0) + 1
     log(f"pretraining on {len(images)} images from {len(counts)} datasets ({len(skipped)} skipped)")
     torch.manual_seed(seed)
-    model = SimMIM(build_swin(arch, in_chans, img_size, model_args), in_chans)
+    model = SimMIM(build_swin(arch, in_chans, img_size, model_args), in_chans).to(resolve_device(device))
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
 
     def factor(step: int) -> float:
@@ -268,8 +273,8 @@ def pretrain(
     model.train()
     while step < steps:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = make_batch(images, batch_size, crop_size, generator)
-        mask = random_mask(batch_size, crop_size, crop_size, mask_ratio, generator)
+        batch = make_batch(images, batch_size, crop_size, generator).to(device)
+        mask = random_mask(batch_size, crop_size, crop_size, mask_ratio, generator).to(device)
         loss, reconstruction = model(batch, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -285,7 +290,7 @@ def pretrain(
         if on_step is not None:
             on_step(step, float(loss.item()))
         if preview_every and (step % preview_every == 0 or step == steps):
-            write_preview(out / "preview.png", batch, mask, reconstruction.detach())
+            write_preview(out / "preview.png", batch.cpu(), mask.cpu(), reconstruction.detach().cpu())
         if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": step, "history": history,

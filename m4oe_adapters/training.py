@@ -267,6 +267,7 @@ def train(
     device = resolve_device(config.device) if config.device else module_device(segmenter)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+        torch.cuda.set_device(device)
     segmenter.to(device)
     if config.gradient_checkpointing:
         from .checkpointing import set_gradient_checkpointing

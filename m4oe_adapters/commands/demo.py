@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_runtime_arguments, runtime_from_args
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="the three jobs on the reference backbone and the zoo adapters")
@@ -13,12 +15,15 @@ def register(subparsers) -> None:
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    add_runtime_arguments(parser, precision=False)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(args.out, data=args.data, zoo=args.zoo, shots=args.shots, steps=args.steps, seed=args.seed)
+    device, _ = runtime_from_args(args)
+    run_demo(args.out, data=args.data, zoo=args.zoo, shots=args.shots, steps=args.steps, seed=args.seed,
+             device=str(device))
     print(f"report: {args.out}/report.md")
     return 0

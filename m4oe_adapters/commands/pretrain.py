@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import json_mapping
+from .common import add_runtime_arguments, json_mapping, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype of the saved weights")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/pretrain_checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_arguments(parser, precision=False)
     parser.set_defaults(func=run)
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         img_size=args.img_size, crop_size=args.crop_size, batch_size=args.batch, steps=args.steps, lr=args.lr,
         mask_ratio=args.mask_ratio, seed=args.seed, checkpoint_every=args.checkpoint_every,
         preview_every=args.preview_every, resume=args.resume, dtype=args.dtype, progress=not args.no_progress,
-        num_threads=args.threads,
+        num_threads=args.threads, device=str(runtime_from_args(args)[0]),
     )
     print(f"wrote {folder} (load with: --backbone timm:{args.arch} --weights {folder})")
     return 0
