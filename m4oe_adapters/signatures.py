@@ -5,9 +5,10 @@ changes another adapter's scores (routing needs no joint retraining).
 
     raw image [C, H, W] (any intensity scale)
       → routing thumbnail [3, 160, 160]: percentiles 0.5–99.5 over all channels to [0, 1], grey repeated to RGB
-      → image descriptor [D]: colour (chroma, rg-chromaticity and saturation of lit pixels, specular highlights),
-        layout (4×4 grey and dark-pixel maps: the black surround of fundus, endoscopy and CT), grey histogram and
-        texture (gradient-magnitude histograms and local contrast at three scales)
+      → image descriptor [200]: colour (chroma, rg-chromaticity and saturation of lit pixels, specular highlights),
+        layout (4×4 and 8×8 grey maps, a 4×4 dark-pixel map: the black surround of fundus, endoscopy and CT; a
+        radial profile), grey histogram, texture (gradient-magnitude histograms and local contrast at three scales,
+        4-neighbour sign patterns at two), and the radial power spectrum
       → per adapter: a Gaussian over descriptors of its training images *and* augmented views of them (crops,
         flips, colour casts, saturation, gamma, contrast, blur: the changes a new site brings), its covariance
         shrunk towards the diagonal and stored as 32 principal directions plus a per-feature residual variance
@@ -15,8 +16,8 @@ changes another adapter's scores (routing needs no joint retraining).
 
 Why these descriptors and not the frozen backbone's pooled features: on the shared data (nine zoo adapters, their
 held-out images) nearest-neighbour modality recognition reached 0.55–0.69 with pooled multi-stage features of the
-reference backbone at 64–224 px, 0.74 with its patch-embedding statistics, and 0.88 with these descriptors
-(``docs/routing.md``: the measurements). They also cost almost nothing: one 160-px thumbnail per image, no
+reference backbone at 64–224 px, 0.74 with its patch-embedding statistics, and 0.875 with a first version of these
+descriptors (``docs/routing.md``: the measurements). They also cost almost nothing: one 160-px thumbnail per image, no
 backbone pass, so routing stays a small fraction of a segmentation forward (``m4oe bench`` reports it).
 
 Calibration: the adapter's training images are split into five folds; each fold's views are scored by a Gaussian fitted
