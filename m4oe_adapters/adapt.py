@@ -36,25 +36,59 @@ class FitResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def split_samples(samples: Sequence, shots: int | None, val_count: int, seed: int) -> tuple[list, list]:
+DEFAULT_VAL_COUNT = 4  # validation images held out when every labelled image is offered (no ``shots``)
+
+
+def split_samples(samples: Sequence, shots: int | None, val_count: int | None, seed: int) -> tuple[list, list]:
     """Pick ``shots`` training images and ``val_count`` validation images, disjoint, reproducibly.
 
-    Samples from the same source image (slices of one volume) stay on one side of the split.
+    Few labels are never eaten by validation: with ``shots=k`` all k images train, and validation images come only
+    from the images beyond the k (``val_count`` of them when there are that many, else as many as there are); its
+    default (``None``) is 0 with ``shots`` and :data:`DEFAULT_VAL_COUNT` without. Without ``shots``, ``val_count``
+    images are held out and the rest train (at least one always trains). Samples from the same source image (slices
+    of one volume) stay on one side of the split.
+
+    Raises:
+        DataError: ``shots`` is more than the images there are, or no training image is left.
     """
     groups: dict[str, list] = {}
     for sample in samples:
         groups.setdefault(str(sample.image), []).append(sample)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
-    train_keys = [key for key in keys if key not in set(val_keys)]
+    if val_count is None:
+        val_count = 0 if shots is not None else DEFAULT_VAL_COUNT
+    if val_count < 0 or (shots is not None and shots < 1):
+        raise DataError(f"--shots must be at least 1 and --val at least 0 (got shots={shots}, val={val_count})")
     if shots is not None:
-        train_keys = train_keys[:shots]
+        if shots > len(keys):
+            raise DataError(f"--shots {shots}: only {len(keys)} labelled images were selected; "
+                            "lower --shots or select more sites/datasets")
+        # validation first in the shuffled order, so a large pool gives the same images as before this rule
+        val_keys = keys[: min(val_count, len(keys) - shots)]
+        train_keys = keys[len(val_keys) : len(val_keys) + shots]
+    else:
+        val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
+        train_keys = keys[len(val_keys) :]
     train = [s for key in train_keys for s in groups[key]]
     val = [s for key in val_keys for s in groups[key]]
     if not train:
         raise DataError(f"no training images left ({len(samples)} samples, {val_count} held out for validation)")
     return train, val
+
+
+def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: int | None) -> str:
+    """The line a run starts with: how many images train and validate, and what chooses the kept weights."""
+    n_train, n_val = len({str(s.image) for s in train}), len({str(s.image) for s in val})
+    line = f"training on {n_train} labelled image{'s' * (n_train != 1)}"
+    line += f" (--shots {shots})" if shots is not None else ""
+    if n_val:
+        line += f", validating on {n_val} other image{'s' * (n_val != 1)} (best validation Dice is kept)"
+    else:
+        line += ", no validation images: the last step's weights are kept"
+        if shots is not None and val_count:
+            line += f" (asked --val {val_count}, but every selected image is one of the {shots} shots)"
+    return line
 
 
 def count_classes(dataset, limit: int = 64) -> int:
@@ -72,7 +106,7 @@ def fit_modality(
     *,
     mode: str = "experts",
     shots: int | None = None,
-    val_count: int = 4,
+    val_count: int | None = None,
     in_chans: int = 3,
     size: tuple[int, int] = (224, 224),
     resize_mode: str = "crop",
@@ -88,6 +122,7 @@ def fit_modality(
     dtype: str = "fp32",
     resume: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -95,7 +130,9 @@ def fit_modality(
         backbone_factory: builds the frozen backbone (called once; not for ``scratch``). Its channel count
             overrides ``in_chans``.
         shots: use only this many labelled training images (the few-label new-site case); ``None``: all.
-        val_count: images held out for validation / early stopping.
+        val_count: validation images for early stopping / model choice, taken from images that are not shots;
+            ``None``: 0 with ``shots`` (all k labels train), else 4 (see :func:`split_samples`).
+        log: receives the start-of-run line saying how many images train and validate.
         size: training input size (crops or resizes, see ``resize_mode``).
         init_adapter: start from this adapter file (a known modality adapted to a new site).
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
@@ -112,6 +149,7 @@ def fit_modality(
     if backbone is not None:
         in_chans = backbone.in_chans  # the backbone decides; images are converted to match
     train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
+    log(split_message(train_samples, val_samples, shots, val_count))
     if init_adapter is not None and preset is None:
         from .adapter_file import read_header
 

@@ -136,3 +136,27 @@ def test_training_runs_on_two_processes_with_gloo(sites, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and "wrote" in result.stdout
+
+
+@pytest.mark.parametrize("val, expected_val", [([], 0), (["--val", "2"], 2), (["--val", "9"], 3)])
+def test_shots_5_trains_on_all_5_images_and_validates_only_on_other_images(sites, tmp_path, capsys, val,
+                                                                          expected_val):
+    out = tmp_path / "few.safetensors"
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--shots", "5", *val, "--steps", "2", "--batch", "2", "--size", "64", "-o", str(out),
+                 "--no-progress"])
+    assert code == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("training on 5 labelled images (--shots 5)")
+    assert main(["inspect", str(out), "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["metadata"]["provenance"]
+    # site A has 8 images: the 5 shots all train; validation comes only from the 3 others, and only when asked
+    assert provenance["num_labelled_images"] == 5
+    assert provenance["num_validation_images"] == expected_val
+
+
+def test_more_shots_than_images_is_a_one_line_error(sites, tmp_path, capsys):
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "B",
+                 "--shots", "5", "--steps", "2", "-o", str(tmp_path / "x.safetensors"), "--no-progress"])
+    assert code == 2
+    assert "--shots 5: only 4 labelled images" in capsys.readouterr().err

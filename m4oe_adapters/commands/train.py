@@ -15,7 +15,9 @@ def register(subparsers) -> None:
     parser.add_argument("--modality", required=True, help="modality name (also selects manifest rows)")
     parser.add_argument("--sites", default=None, help="comma-separated training sites (default: all)")
     parser.add_argument("--shots", type=int, default=None, help="use only N labelled images (few-label new site)")
-    parser.add_argument("--val", type=int, default=4, help="images held out for validation/early stopping")
+    parser.add_argument("--val", type=int, default=None,
+                        help="validation images for early stopping, never taken from the --shots images "
+                             "(default: 0 with --shots, so all k labels train; 4 held out without --shots)")
     parser.add_argument("--init", default=None, help="start from this adapter file (adapt a known modality)")
     parser.add_argument("--mode", default="experts", choices=["experts", "decoder", "lora", "full", "scratch"])
     parser.add_argument("--rank", type=int, default=8)
