@@ -19,6 +19,7 @@ from .adapter_file import atomic_write, save_adapter
 from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig
 from .errors import DataError
+from .scale import scale_for_modality
 from .segmenters import ModalitySegmenter, build_segmenter
 from .training import TrainConfig, TrainResult, train
 
@@ -123,6 +124,7 @@ def fit_modality(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pixel_size: float | None = None,
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -133,6 +135,9 @@ def fit_modality(
         val_count: validation images for early stopping / model choice, taken from images that are not shots;
             ``None``: 0 with ``shots`` (all k labels train), else 4 (see :func:`split_samples`).
         log: receives the start-of-run line saying how many images train and validate.
+        pixel_size: the training images' pixel size (any unit; ``m4oe train --pixel-size``), recorded as the
+            adapter's scale; without it the scale is measured where the modality allows (see
+            :func:`m4oe_adapters.scale.scale_for_modality`) and prediction resamples inputs to it.
         size: training input size (crops or resizes, see ``resize_mode``).
         init_adapter: start from this adapter file (a known modality adapted to a new site).
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
@@ -187,6 +192,8 @@ def fit_modality(
         # How prediction must treat sizes: "crop" = trained on native-resolution crops, predict with sliding
         # windows at native resolution; "resize" = trained on resized images, predict on the image resized alike.
         "resize_mode": resize_mode,
+        # The scale the adapter was trained at (m4oe_adapters.scale): predict/eval resample every input to it.
+        "scale": scale_for_modality(modality, train_samples, pixel_size),
     }
     fit = FitResult(segmenter, result, list(train_samples), list(val_samples), num_classes, label_names, preset,
                     provenance=provenance)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .errors import M4oEError
 from .inference import round_to_32, segment
 from .metrics import score_mask, summarise
+from .scale import predict_mask_at_scale, resampling_factor
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Prepared:
     label: np.ndarray
     raw: np.ndarray
     sample: Any
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
@@ -36,7 +38,7 @@ def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
 
     image, label, meta = load_pair(sample)
     tensor = torch.from_numpy(np.ascontiguousarray(normalise(image, meta, preset, in_chans))).float()
-    return Prepared(tensor, np.asarray(label), image, sample)
+    return Prepared(tensor, np.asarray(label), image, sample, dict(meta or {}))
 
 
 def predict_mask(
@@ -70,8 +72,13 @@ def evaluate_samples(
     resize_mode: str = "crop",
     extra: dict[str, Any] | None = None,
     keep_predictions: bool = False,
+    scale: dict[str, Any] | None = None,
+    pixel_size: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every sample; bad files are skipped and reported, not fatal.
+
+    With ``scale`` (the adapter's recorded training scale, see :mod:`m4oe_adapters.scale`) each image is resampled
+    to it before prediction and the mask back to the image's grid; the row's ``scale_factor`` says by how much.
 
     Returns:
         ``(rows, skipped)``: one row per image and class (``label`` = class name, plus a ``mean`` row per image)
@@ -84,7 +91,11 @@ def evaluate_samples(
         except M4oEError as error:
             skipped.append({"path": str(sample.image), "error": str(error)})
             continue
-        mask = predict_mask(predictor, prepared.image, input_size, resize_mode).numpy()
+        factor = 1.0
+        if scale and resize_mode == "crop":
+            factor = resampling_factor(scale, prepared.raw, prepared.meta, pixel_size)
+        mask = predict_mask_at_scale(predictor, prepared.image, input_size, resize_mode, scale=scale,
+                                     raw=prepared.raw, meta=prepared.meta, pixel_size=pixel_size).numpy()
         label = prepared.label
         if label.max() >= num_classes:
             skipped.append({"path": str(sample.mask), "error": f"label value {label.max()} >= {num_classes} classes"})
@@ -94,6 +105,7 @@ def evaluate_samples(
             "dataset": getattr(sample, "dataset", ""),
             "site": getattr(sample, "site", ""),
             "image": str(sample.image),
+            "scale_factor": round(factor, 4),
             **(extra or {}),
         }
         for index, score in scores.items():

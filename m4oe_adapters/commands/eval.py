@@ -31,6 +31,14 @@ def register(subparsers) -> None:
     parser.add_argument("--val", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=None)
+    parser.add_argument("--scale", choices=["auto", "off"], default="auto",
+                        help="auto: resample each image to the scale the adapter recorded (field-of-view diameter, "
+                             "pixel spacing) and the mask back; off: predict at the image's own pixel size")
+    parser.add_argument("--adapter-scale", default=None,
+                        help="KIND:VALUE for an adapter that recorded no scale, e.g. fov_diameter_px:540 "
+                             "(measured on its training images)")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="the images' pixel size, in the unit the adapter's scale uses (overrides headers)")
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--out", required=True, help="report folder (report.md, metrics.csv/json, PNGs)")
     parser.add_argument("--no-progress", action="store_true")
@@ -62,20 +70,32 @@ def backbone_note(backbone) -> str:
 def evaluate_adapter_from_args(args):
     from ..adapter_file import model_from_adapter
     from ..evaluation import evaluate_samples
+    from ..scale import parse_scale
 
     backbone = load_backbone_from_args(args) if args.backbone else None
     model = model_from_adapter(args.adapter, args.weights, backbone=backbone).eval()
     info = model.modalities[args.modality] if args.modality in model.modalities else next(iter(model.modalities.values()))
     samples = select_samples(args, args.modality, comma_list(args.sites))
+    scale = None
+    if args.scale == "auto":
+        scale = parse_scale(args.adapter_scale) if args.adapter_scale else info.provenance.get("scale")
     rows, skipped = evaluate_samples(
         lambda x: model(x, info.name), samples, preset=info.preset, in_chans=model.backbone.in_chans,
         num_classes=info.num_classes, label_names=info.label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": info.provenance.get("mode", "experts")},
-        keep_predictions=True,
+        keep_predictions=True, scale=scale, pixel_size=args.pixel_size,
     )
     notes = [f"adapter {args.adapter} ({info.name}, trained on sites {info.provenance.get('sites')})",
-             backbone_note(model.backbone)]
+             backbone_note(model.backbone),
+             scale_note(scale)]
     return rows, skipped, f"Evaluation of {args.adapter}", notes
+
+
+def scale_note(scale) -> str:
+    if not scale:
+        return "scale harmonisation off (no recorded scale, or --scale off): images predicted at their own pixel size"
+    return (f"scale harmonisation: each image resampled to the adapter's {scale['kind']} = {scale['value']:.4g} "
+            "(column scale_factor), the mask back to its grid")
 
 
 def run_protocol_from_args(args):

@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     parser.add_argument("--size", type=int, default=224, help="training input size (multiple of 32)")
     parser.add_argument("--resize", choices=["crop", "resize"], default="crop",
                         help="crop: native-resolution crops (predict with sliding windows); resize: whole image")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="the training images' pixel size (e.g. mm), recorded in the adapter; predict/eval then "
+                             "resample inputs of another pixel size to it (default: measured where possible: fundus "
+                             "field of view, CT/MRI header spacing)")
     parser.add_argument("--classes", type=int, default=None, help="class count (default: from the masks)")
     parser.add_argument("--labels", default=None, help="comma-separated class names, background first")
     parser.add_argument("--steps", type=int, default=300)
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.classes or (len(labels) if labels else None), label_names=labels,
         expert_config=ExpertConfig(rank=args.rank, alpha=args.alpha, target_pattern=args.targets),
         init_adapter=args.init, train_config=config, out_dir=out_dir, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, pixel_size=args.pixel_size,
     )
     rank, _ = distributed_context()
     if rank == 0:
