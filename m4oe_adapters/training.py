@@ -41,6 +41,8 @@ class TrainConfig:
         seed: makes two runs identical.
         checkpoint_every: write ``checkpoint.pt`` every this many steps (0: never).
         log_every: write a CSV row every this many steps.
+        max_minutes: stop after this much wall time (a stated CPU budget; ``None``: no limit). A run stopped by it
+            is not repeatable step for step; ``stopped_early`` is set.
     """
 
     steps: int = 300
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     log_every: int = 10
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -322,6 +325,9 @@ def train(
         if on_step is not None:
             on_step(step, row)
         if config.patience is not None and validations_without_gain >= config.patience:
+            stopped_early = True
+            break
+        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
             stopped_early = True
             break
     if bar is not None:

@@ -91,3 +91,13 @@ def test_training_an_adapter_leaves_the_backbone_bytes_unchanged():
     fingerprint = model.model.backbone.fingerprint()
     train(model, Discs(4, 0), None, 2, TrainConfig(steps=3, batch_size=2), progress=False)
     assert model.model.backbone.fingerprint(recompute=True) == fingerprint
+
+
+def test_a_recipe_stops_at_its_cpu_budget_and_keeps_the_best_validation_weights():
+    from m4oe_adapters.recipes import RECIPES
+
+    config = RECIPES["fundus"].train_config(seed=0)
+    assert config.patience and config.max_minutes and config.val_every < config.steps  # converged or budget
+    budget = TrainConfig(steps=500, batch_size=2, val_every=1, seed=0, max_minutes=0.0)  # budget spent at once
+    result = train(segmenter("experts"), Discs(4, 0), Discs(2, 1), 2, budget, progress=False)
+    assert result.steps_done == 1 and result.stopped_early and result.best_val_dice is not None
