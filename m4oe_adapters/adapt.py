@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +18,7 @@ import torch
 from .adapter_file import atomic_write, save_adapter
 from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .scale import scale_for_modality
 from .segmenters import ModalitySegmenter, build_segmenter
 from .training import TrainConfig, TrainResult, train
@@ -92,6 +92,32 @@ def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: 
     return line
 
 
+def cross_validated_steps(backbone_factory, samples: Sequence, modality: str, folds: int, train_config: TrainConfig,
+                          log: Callable[[str], None], options: dict[str, Any]) -> dict[str, Any]:
+    """Best validation step of each fold of ``samples`` (split by source image, at most one fold per image), and
+    their median as the step count for training on all of them. Each fold trains ``train_config.steps`` steps."""
+    import numpy as np
+
+    keys = sorted({str(sample.image) for sample in samples})
+    random.Random(train_config.seed).shuffle(keys)
+    folds = min(folds, len(keys))
+    if folds < 2:
+        raise DataError(f"--val-from-shots needs at least 2 labelled images (got {len(keys)})")
+    best_steps, fold_dice = [], []
+    for fold in range(folds):
+        held_out = set(keys[fold::folds])
+        train = [s for s in samples if str(s.image) not in held_out]
+        val = [s for s in samples if str(s.image) in held_out]
+        log(f"cross-validation fold {fold + 1}/{folds}: training on {len({str(s.image) for s in train})} images, "
+            f"validating on {len(held_out)}")
+        fit = fit_modality(backbone_factory, samples, modality, split=(train, val), train_config=train_config,
+                           log=log, **options)
+        best_steps.append(int(fit.result.best_step or fit.result.steps_done))
+        fold_dice.append(None if fit.result.best_val_dice is None else round(float(fit.result.best_val_dice), 4))
+    chosen = max(1, int(round(float(np.median(best_steps)))))
+    return {"folds": folds, "best_steps": best_steps, "fold_dice": fold_dice, "chosen_steps": chosen}
+
+
 def count_classes(dataset, limit: int = 64) -> int:
     """Largest class id seen in the first ``limit`` labels, plus one (at least 2)."""
     highest = 1
@@ -125,6 +151,8 @@ def fit_modality(
     progress: bool = True,
     log: Callable[[str], None] = print,
     pixel_size: float | None = None,
+    cross_validation_folds: int | None = None,
+    split: tuple[Sequence, Sequence] | None = None,
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -138,6 +166,11 @@ def fit_modality(
         pixel_size: the training images' pixel size (any unit; ``m4oe train --pixel-size``), recorded as the
             adapter's scale; without it the scale is measured where the modality allows (see
             :func:`m4oe_adapters.scale.scale_for_modality`) and prediction resamples inputs to it.
+        cross_validation_folds: choose the step count by cross-validation over the training images (``m4oe train
+            --val-from-shots N``): each of N folds trains on the others and validates on itself, and the final run
+            trains on every image for the median of the folds' best steps. Costs N + 1 trainings; no label is spent
+            on validation.
+        split: ``(train, validation)`` samples given as they are (no shots/validation split).
         size: training input size (crops or resizes, see ``resize_mode``).
         init_adapter: start from this adapter file (a known modality adapted to a new site).
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
@@ -153,8 +186,25 @@ def fit_modality(
     backbone = None if mode == "scratch" else backbone_factory()
     if backbone is not None:
         in_chans = backbone.in_chans  # the backbone decides; images are converted to match
-    train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
-    log(split_message(train_samples, val_samples, shots, val_count))
+    if split is not None:
+        train_samples, val_samples = list(split[0]), list(split[1])
+    else:
+        train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
+        log(split_message(train_samples, val_samples, shots, val_count))
+    cross_validation = None
+    if cross_validation_folds:
+        if val_samples:
+            raise ConfigError("--val-from-shots chooses the steps without validation images: leave --val at 0")
+        cross_validation = cross_validated_steps(
+            backbone_factory, train_samples, modality, cross_validation_folds, train_config, log,
+            dict(mode=mode, in_chans=in_chans, size=size, resize_mode=resize_mode, num_classes=num_classes,
+                 label_names=label_names, preset=preset, expert_config=expert_config, decoder_config=decoder_config,
+                 init_adapter=init_adapter, progress=progress),
+        )
+        train_config = replace(train_config, steps=cross_validation["chosen_steps"], patience=None)
+        log(f"cross-validation over {len(cross_validation['best_steps'])} folds: best steps "
+            f"{cross_validation['best_steps']} (fold Dice {cross_validation['fold_dice']}); training on all "
+            f"{len(train_samples)} samples for {train_config.steps} steps")
     if init_adapter is not None and preset is None:
         from .adapter_file import read_header
 
@@ -188,6 +238,7 @@ def fit_modality(
         "steps": result.steps_done,
         "seed": train_config.seed,
         "init_adapter": None if init_adapter is None else Path(init_adapter).name,
+        "cross_validation": cross_validation,
         "train_size": list(size),
         # How prediction must treat sizes: "crop" = trained on native-resolution crops, predict with sliding
         # windows at native resolution; "resize" = trained on resized images, predict on the image resized alike.

@@ -160,3 +160,19 @@ def test_more_shots_than_images_is_a_one_line_error(sites, tmp_path, capsys):
                  "--shots", "5", "--steps", "2", "-o", str(tmp_path / "x.safetensors"), "--no-progress"])
     assert code == 2
     assert "--shots 5: only 4 labelled images" in capsys.readouterr().err
+
+
+def test_val_from_shots_chooses_the_steps_by_cross_validation_and_trains_on_every_shot(sites, tmp_path, capsys):
+    out = tmp_path / "cv.safetensors"
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--shots", "4", "--val-from-shots", "2", "--steps", "4", "--val-every", "2", "--batch", "2",
+                 "--size", "64", "-o", str(out), "--no-progress"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["metadata"]["provenance"]
+    cross_validation = provenance["cross_validation"]
+    assert cross_validation["folds"] == 2 and len(cross_validation["best_steps"]) == 2
+    assert all(step in (2, 4) for step in cross_validation["best_steps"])
+    assert provenance["steps"] == cross_validation["chosen_steps"]
+    assert provenance["num_labelled_images"] == 4 and provenance["num_validation_images"] == 0

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     parser.add_argument("--val", type=int, default=None,
                         help="validation images for early stopping, never taken from the --shots images "
                              "(default: 0 with --shots, so all k labels train; 4 held out without --shots)")
+    parser.add_argument("--val-from-shots", type=int, default=None, metavar="FOLDS",
+                        help="choose the step count by FOLDS-fold cross-validation over the training images, then "
+                             "train on all of them (FOLDS + 1 trainings; no image is spent on validation)")
     parser.add_argument("--init", default=None, help="start from this adapter file (adapt a known modality)")
     parser.add_argument("--mode", default="experts", choices=["experts", "decoder", "lora", "full", "scratch"])
     parser.add_argument("--rank", type=int, default=8)
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.classes or (len(labels) if labels else None), label_names=labels,
         expert_config=ExpertConfig(rank=args.rank, alpha=args.alpha, target_pattern=args.targets),
         init_adapter=args.init, train_config=config, out_dir=out_dir, resume=args.resume,
-        progress=not args.no_progress, pixel_size=args.pixel_size,
+        progress=not args.no_progress, pixel_size=args.pixel_size, cross_validation_folds=args.val_from_shots,
     )
     rank, _ = distributed_context()
     if rank == 0:
