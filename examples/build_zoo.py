@@ -1,5 +1,6 @@
 """Build adapters_zoo/: per-modality adapters on the reference SimMIM backbone, each trained and scored with the
 site-generalisation protocol (validation Dice; in-domain test Dice; unseen-site Dice where a second site exists).
+Each adapter follows its recipe in m4oe_adapters/recipes.py (data, size, steps cap, early stopping, CPU budget).
 
     python examples/build_zoo.py --backbone runs/pretrain_ref/backbone --zoo adapters_zoo [--only fundus,xray]
 
@@ -23,24 +24,11 @@ from m4oe_adapters.config import ExpertConfig
 from m4oe_adapters.data import read_manifest
 from m4oe_adapters.evaluation import write_outputs
 from m4oe_adapters.protocol import run_protocol
-from m4oe_adapters.training import TrainConfig
+from m4oe_adapters.recipes import RECIPES, recipe_for
 from m4oe_adapters.zoo import sha256_file, write_index
 
 ARCH = "timm:swin_tiny_patch4_window7_224"
 MODEL_ARGS = {"embed_dim": 48, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7}
-# name: (datasets it trains on, training site, unseen test sites, resize mode)
-RECIPES = {
-    "fundus": (["DRIVE", "CHASE_DB1"], "DRIVE", ["CHASE_DB1"], "crop"),
-    "xray": (["CXR_COVID_GeneralBlockchain", "CXR_lung_imlab_demo"], "COVID-CXR-GeneralBlockchain", ["imlab-demo"],
-             "resize"),
-    "endoscopy": (["CVC-ClinicDB_subset", "Kvasir-SEG_subset"], "CVC-ClinicDB", ["Kvasir-SEG"], "resize"),
-    "dermoscopy": (["PH2"], "PH2", [], "resize"),
-    "ultrasound-breast": (["BUSI"], "BUSI", [], "resize"),
-    "ultrasound-fetal-head": (["HC18_fetal_head_US"], "HC18", [], "resize"),
-    "CT-lung-infection": (["COVID19_CT_MedSeg_InfNet"], "MedSeg-COVID19CT", [], "resize"),
-    "MRI-cardiac": (["ACDC_cardiac_MRI_SSL4MIS_h5"], "ACDC", [], "resize"),
-    "electron-microscopy": (["ISBI2012_EM"], "ISBI2012", [], "crop"),
-}
 
 
 def main(argv=None) -> int:
@@ -49,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", default="adapters_zoo")
     parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
     parser.add_argument("--only", default=None, help="comma-separated recipe names")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=8)
     parser.add_argument("--dtype", default="fp16")
     args = parser.parse_args(argv)
@@ -68,23 +56,25 @@ def main(argv=None) -> int:
     names = args.only.split(",") if args.only else list(RECIPES)
     summary = {}
     for name in names:
-        datasets, train_site, test_sites, resize_mode = RECIPES[name]
-        members = [s for s in samples if s.dataset in datasets]
+        recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
+        members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()
         rows, skipped = run_protocol(
-            backbone, members, name, train_sites=[train_site], test_sites=test_sites, modes=["experts"],
-            shots=[None], train_config=TrainConfig(steps=args.steps, batch_size=4, lr=2e-3, seed=0,
-                                                   val_every=max(1, args.steps // 6)),
-            in_chans=3, size=(224, 224), resize_mode=resize_mode, val_count=4, expert_config=ExpertConfig(rank=8),
+            backbone, members, name, train_sites=[recipe.train_site],
+            test_sites=list(recipe.unseen_sites), modes=["experts"], shots=[None],
+            train_config=recipe.train_config(args.seed), in_chans=3, size=(recipe.size, recipe.size),
+            resize_mode=recipe.resize_mode, val_count=recipe.val_count, expert_config=ExpertConfig(rank=recipe.rank),
             max_test_images=args.max_test_images, save_dir=zoo / "work", progress=False,
         )
+        test_sites = list(recipe.unseen_sites)
+        train_site = recipe.train_site
         image_rows = [r for r in rows if r["label"] == "mean"]
         in_domain = float(np.mean([r["dice"] for r in image_rows if r["domain"] == "in"]))
         unseen = [r["dice"] for r in image_rows if r["domain"] == "out"]
         produced = zoo / "work" / f"{name}_experts_all.safetensors"
         final = zoo / f"{name}.safetensors"
         finalise(produced, final, in_domain, float(np.mean(unseen)) if unseen else None, test_sites, args.dtype,
-                 weights)
+                 weights, recipe.as_metadata())
         write_outputs(zoo / "reports" / name, rows, skipped, f"Zoo adapter {name}",
                       [f"trained on {train_site}; unseen sites: {', '.join(test_sites) or 'none available'}"])
         summary[name] = {"in_domain_dice": in_domain, "unseen_site_dice": float(np.mean(unseen)) if unseen else None,
@@ -106,8 +96,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def finalise(produced: Path, final: Path, in_domain: float, unseen: float | None, test_sites, dtype, weights):
-    """Re-save the trained adapter with its test metrics in the metadata (and in the requested dtype)."""
+def finalise(produced: Path, final: Path, in_domain: float, unseen: float | None, test_sites, dtype, weights,
+             recipe: dict | None = None):
+    """Re-save the trained adapter with its test metrics and recipe in the metadata (and in the requested dtype)."""
     from m4oe_adapters.adapter_file import model_from_adapter, save_adapter
 
     model = model_from_adapter(produced, weights)
@@ -115,6 +106,8 @@ def finalise(produced: Path, final: Path, in_domain: float, unseen: float | None
     info = model.modalities[name]
     info.metrics = {**info.metrics, "in_domain_test_dice": round(in_domain, 4),
                     "unseen_site_dice": None if unseen is None else round(unseen, 4), "unseen_sites": test_sites}
+    if recipe is not None:
+        info.provenance = {**info.provenance, "recipe": recipe}
     save_adapter(model, name, final, dtype=dtype)
 
 

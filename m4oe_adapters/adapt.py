@@ -8,7 +8,7 @@ its provenance.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +19,7 @@ from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig
 from .adapter_file import label_names_problem
 from .errors import ConfigError, DataError
+from .scale import scale_for_modality
 from .segmenters import ModalitySegmenter, build_segmenter
 from .signatures import signature_from_samples
 from .training import TrainConfig, TrainResult, train
@@ -37,25 +38,85 @@ class FitResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def split_samples(samples: Sequence, shots: int | None, val_count: int, seed: int) -> tuple[list, list]:
+DEFAULT_VAL_COUNT = 4  # validation images held out when every labelled image is offered (no ``shots``)
+
+
+def split_samples(samples: Sequence, shots: int | None, val_count: int | None, seed: int) -> tuple[list, list]:
     """Pick ``shots`` training images and ``val_count`` validation images, disjoint, reproducibly.
 
-    Samples from the same source image (slices of one volume) stay on one side of the split.
+    Few labels are never eaten by validation: with ``shots=k`` all k images train, and validation images come only
+    from the images beyond the k (``val_count`` of them when there are that many, else as many as there are); its
+    default (``None``) is 0 with ``shots`` and :data:`DEFAULT_VAL_COUNT` without. Without ``shots``, ``val_count``
+    images are held out and the rest train (at least one always trains). Samples from the same source image (slices
+    of one volume) stay on one side of the split.
+
+    Raises:
+        DataError: ``shots`` is more than the images there are, or no training image is left.
     """
     groups: dict[str, list] = {}
     for sample in samples:
         groups.setdefault(str(sample.image), []).append(sample)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
-    train_keys = [key for key in keys if key not in set(val_keys)]
+    if val_count is None:
+        val_count = 0 if shots is not None else DEFAULT_VAL_COUNT
+    if val_count < 0 or (shots is not None and shots < 1):
+        raise DataError(f"--shots must be at least 1 and --val at least 0 (got shots={shots}, val={val_count})")
     if shots is not None:
-        train_keys = train_keys[:shots]
+        if shots > len(keys):
+            raise DataError(f"--shots {shots}: only {len(keys)} labelled images were selected; "
+                            "lower --shots or select more sites/datasets")
+        # validation first in the shuffled order, so a large pool gives the same images as before this rule
+        val_keys = keys[: min(val_count, len(keys) - shots)]
+        train_keys = keys[len(val_keys) : len(val_keys) + shots]
+    else:
+        val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
+        train_keys = keys[len(val_keys) :]
     train = [s for key in train_keys for s in groups[key]]
     val = [s for key in val_keys for s in groups[key]]
     if not train:
         raise DataError(f"no training images left ({len(samples)} samples, {val_count} held out for validation)")
     return train, val
+
+
+def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: int | None) -> str:
+    """The line a run starts with: how many images train and validate, and what chooses the kept weights."""
+    n_train, n_val = len({str(s.image) for s in train}), len({str(s.image) for s in val})
+    line = f"training on {n_train} labelled image{'s' * (n_train != 1)}"
+    line += f" (--shots {shots})" if shots is not None else ""
+    if n_val:
+        line += f", validating on {n_val} other image{'s' * (n_val != 1)} (best validation Dice is kept)"
+    else:
+        line += ", no validation images: the last step's weights are kept"
+        if shots is not None and val_count:
+            line += f" (asked --val {val_count}, but every selected image is one of the {shots} shots)"
+    return line
+
+
+def cross_validated_steps(backbone_factory, samples: Sequence, modality: str, folds: int, train_config: TrainConfig,
+                          log: Callable[[str], None], options: dict[str, Any]) -> dict[str, Any]:
+    """Best validation step of each fold of ``samples`` (split by source image, at most one fold per image), and
+    their median as the step count for training on all of them. Each fold trains ``train_config.steps`` steps."""
+    import numpy as np
+
+    keys = sorted({str(sample.image) for sample in samples})
+    random.Random(train_config.seed).shuffle(keys)
+    folds = min(folds, len(keys))
+    if folds < 2:
+        raise DataError(f"--val-from-shots needs at least 2 labelled images (got {len(keys)})")
+    best_steps, fold_dice = [], []
+    for fold in range(folds):
+        held_out = set(keys[fold::folds])
+        train = [s for s in samples if str(s.image) not in held_out]
+        val = [s for s in samples if str(s.image) in held_out]
+        log(f"cross-validation fold {fold + 1}/{folds}: training on {len({str(s.image) for s in train})} images, "
+            f"validating on {len(held_out)}")
+        fit = fit_modality(backbone_factory, samples, modality, split=(train, val), train_config=train_config,
+                           log=log, **options)
+        best_steps.append(int(fit.result.best_step or fit.result.steps_done))
+        fold_dice.append(None if fit.result.best_val_dice is None else round(float(fit.result.best_val_dice), 4))
+    chosen = max(1, int(round(float(np.median(best_steps)))))
+    return {"folds": folds, "best_steps": best_steps, "fold_dice": fold_dice, "chosen_steps": chosen}
 
 
 def count_classes(dataset, limit: int = 64) -> int:
@@ -136,7 +197,7 @@ def fit_modality(
     *,
     mode: str = "experts",
     shots: int | None = None,
-    val_count: int = 4,
+    val_count: int | None = None,
     in_chans: int = 3,
     size: tuple[int, int] | None = None,
     resize_mode: str | None = None,
@@ -152,6 +213,10 @@ def fit_modality(
     dtype: str = "fp32",
     resume: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] = print,
+    pixel_size: float | None = None,
+    cross_validation_folds: int | None = None,
+    split: tuple[Sequence, Sequence] | None = None,
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -159,7 +224,17 @@ def fit_modality(
         backbone_factory: builds the frozen backbone (called once; not for ``scratch``). Its channel count
             overrides ``in_chans``.
         shots: use only this many labelled training images (the few-label new-site case); ``None``: all.
-        val_count: images held out for validation / early stopping.
+        val_count: validation images for early stopping / model choice, taken from images that are not shots;
+            ``None``: 0 with ``shots`` (all k labels train), else 4 (see :func:`split_samples`).
+        log: receives the start-of-run line saying how many images train and validate.
+        pixel_size: the training images' pixel size (any unit; ``m4oe train --pixel-size``), recorded as the
+            adapter's scale; without it the scale is measured where the modality allows (see
+            :func:`m4oe_adapters.scale.scale_for_modality`) and prediction resamples inputs to it.
+        cross_validation_folds: choose the step count by cross-validation over the training images (``m4oe train
+            --val-from-shots N``): each of N folds trains on the others and validates on itself, and the final run
+            trains on every image for the median of the folds' best steps. Costs N + 1 trainings; no label is spent
+            on validation.
+        split: ``(train, validation)`` samples given as they are (no shots/validation split).
         size: training input size (crops or resizes, see ``resize_mode``); ``None``: the ``init_adapter``'s, else
             224 x 224.
         resize_mode: ``"crop"`` or ``"resize"``; ``None``: the ``init_adapter``'s, else ``"crop"``.
@@ -189,7 +264,25 @@ def fit_modality(
     backbone = None if mode == "scratch" else backbone_factory()
     if backbone is not None:
         in_chans = backbone.in_chans  # the backbone decides; images are converted to match
-    train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
+    if split is not None:
+        train_samples, val_samples = list(split[0]), list(split[1])
+    else:
+        train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
+        log(split_message(train_samples, val_samples, shots, val_count))
+    cross_validation = None
+    if cross_validation_folds:
+        if val_samples:
+            raise ConfigError("--val-from-shots chooses the steps without validation images: leave --val at 0")
+        cross_validation = cross_validated_steps(
+            backbone_factory, train_samples, modality, cross_validation_folds, train_config, log,
+            dict(mode=mode, in_chans=in_chans, size=size, resize_mode=resize_mode, num_classes=num_classes,
+                 label_names=label_names, preset=preset, expert_config=expert_config, decoder_config=decoder_config,
+                 init_adapter=init_adapter, progress=progress),
+        )
+        train_config = replace(train_config, steps=cross_validation["chosen_steps"], patience=None)
+        log(f"cross-validation over {len(cross_validation['best_steps'])} folds: best steps "
+            f"{cross_validation['best_steps']} (fold Dice {cross_validation['fold_dice']}); training on all "
+            f"{len(train_samples)} samples for {train_config.steps} steps")
     if init_adapter is not None and preset is None:
         from .adapter_file import read_header
 
@@ -226,10 +319,13 @@ def fit_modality(
         "steps": result.steps_done,
         "seed": train_config.seed,
         "init_adapter": None if init_adapter is None else Path(init_adapter).name,
+        "cross_validation": cross_validation,
         "train_size": list(size),
         # How prediction must treat sizes: "crop" = trained on native-resolution crops, predict with sliding
         # windows at native resolution; "resize" = trained on resized images, predict on the image resized alike.
         "resize_mode": resize_mode,
+        # The scale the adapter was trained at (m4oe_adapters.scale): predict/eval resample every input to it.
+        "scale": scale_for_modality(modality, train_samples, pixel_size),
     }
     fit = FitResult(segmenter, result, list(train_samples), list(val_samples), num_classes, label_names, preset,
                     provenance=provenance)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .errors import M4oEError
 from .inference import round_to_32, segment
 from .metrics import score_mask, summarise
+from .scale import predict_mask_at_scale, resampling_factor
 
 
 WINDOWS_WORTH_A_BAR = 64  # sliding windows of one image above which a progress bar is shown
@@ -41,7 +42,7 @@ def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
 
     image, label, meta = load_pair(sample)
     tensor = torch.from_numpy(np.ascontiguousarray(normalise(image, meta, preset, in_chans))).float()
-    return Prepared(tensor, np.asarray(label), image, sample, meta)
+    return Prepared(tensor, np.asarray(label), image, sample, dict(meta or {}))
 
 
 def predict_mask(
@@ -84,9 +85,14 @@ def evaluate_samples(
     keep_predictions: bool = False,
     progress: bool = False,
     volumes: bool = False,
+    scale: dict[str, Any] | None = None,
+    pixel_size: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every sample; bad files are skipped and reported, not fatal. ``progress``: a bar over the images (with
     ETA), and one over the windows of each large image.
+
+    With ``scale`` (the adapter's recorded training scale, see :mod:`m4oe_adapters.scale`) each image is resampled
+    to it before prediction and the mask back to the image's grid; the row's ``scale_factor`` says by how much.
 
     Returns:
         ``(rows, skipped)``: one row per image and class (``label`` = class name, plus a ``mean`` row per image)
@@ -108,7 +114,12 @@ def evaluate_samples(
         except M4oEError as error:
             skipped.append({"path": str(sample.image), "error": str(error)})
             continue
-        mask = predict_mask(predictor, prepared.image, input_size, resize_mode, None if progress else False).numpy()
+        factor = 1.0
+        if scale and resize_mode == "crop":
+            factor = resampling_factor(scale, prepared.raw, prepared.meta, pixel_size)
+        mask = predict_mask_at_scale(predictor, prepared.image, input_size, resize_mode, scale=scale,
+                                     raw=prepared.raw, meta=prepared.meta, pixel_size=pixel_size,
+                                     progress=None if progress else False).numpy()
         label = prepared.label
         if label.max() >= num_classes:
             skipped.append({"path": str(sample.mask), "error": f"label value {label.max()} >= {num_classes} classes"})
@@ -124,6 +135,7 @@ def evaluate_samples(
             "level": "image" if slice_index is None else "slice",
             **({} if slice_index is None else {"slice_axis": sample.slice_axis, "slice_index": slice_index}),
             "hd95_unit": "px" if spacing is None else "mm",
+            "scale_factor": round(factor, 4),
             **(extra or {}),
         }
         if slice_index is not None and volumes:

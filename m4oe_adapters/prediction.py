@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, M4oEError
-from .evaluation import predict_mask
 from .model import SegmentationModel
+from .scale import predict_mask_at_scale
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".dcm", ".h5", ".hdf5")
@@ -99,7 +99,8 @@ def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta
                                                             model.backbone.in_chans))).float()
     resize_mode = info.provenance.get("resize_mode", "crop")
     model.eval()
-    return predict_mask(lambda x: model(x, modality, routing=routing), image, info.input_size, resize_mode).numpy()
+    return predict_mask_at_scale(lambda x: model(x, modality, routing=routing), image, info.input_size, resize_mode,
+                                 scale=info.provenance.get("scale"), raw=raw, meta=meta).numpy()
 
 
 def output_path(source: Path, out_dir: Path, root: Path | None, keep_suffix: bool = False) -> Path:

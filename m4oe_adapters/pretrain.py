@@ -86,39 +86,60 @@ class PretrainImage:
     modality: str
 
 
+    name: str = ""  # path relative to its source's root, "#<slice>" added for a volume slice (``images.txt``)
+
+
 def collect_images(
-    sources: Sequence[str | Path], in_chans: int, max_side: int = 512, log: Callable[[str], None] = print
+    sources: Sequence[str | Path], in_chans: int, max_side: int = 512, log: Callable[[str], None] = print,
+    exclude_sites: Sequence[str] = (), excluded: dict[str, int] | None = None,
 ) -> tuple[list[PretrainImage], list[tuple[str, str]]]:
     """Read every image of the sources (manifest CSVs, folders or files), masks unused; bad files are skipped
-    and returned as ``(path, reason)``."""
+    and returned as ``(path, reason)``.
+
+    ``exclude_sites`` names sites (a manifest's ``site`` column) or datasets (its ``dataset`` column, or an image
+    folder's name) that pretraining must never see, e.g. the sites a report calls unseen; their images are not read
+    at all, and ``excluded`` (if given) receives how many were left out per dataset.
+    """
     from .data import Sample, normalise, read_image, read_manifest
     from .data.manifest import expand_volume
     from .data.readers import IMAGE_SUFFIXES_ALL, suffix
     from .presets import default_preset
 
-    entries: list[tuple[Path, str, str, int | None, int]] = []
+    entries: list[tuple[Path, str, str, int | None, int, Path]] = []  # file, dataset, modality, slice, axis, root
     skipped_early: list[tuple[str, str]] = []
+    banned = {name.strip() for name in exclude_sites if name.strip()}
+    excluded = excluded if excluded is not None else {}
     for source in sources:
         path = Path(source)
         if path.is_dir() and (path / "manifest.csv").is_file():
             path = path / "manifest.csv"
         if path.suffix.lower() == ".csv":
             for sample in read_manifest(path, nonempty_slices=False):
-                entries.append((sample.image, sample.dataset, sample.modality, sample.slice_index, sample.slice_axis))
+                if sample.site in banned or sample.dataset in banned:
+                    excluded[sample.dataset] = excluded.get(sample.dataset, 0) + 1
+                    continue
+                entries.append((sample.image, sample.dataset, sample.modality, sample.slice_index, sample.slice_axis,
+                                path.parent))
         elif path.is_dir():
+            if path.name in banned:
+                excluded[path.name] = excluded.get(path.name, 0) + 1
+                continue
             for file in sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in IMAGE_SUFFIXES_ALL):
                 try:  # volumes become one entry per slice
                     slices = expand_volume(Sample(path.name, "unknown", "", file, None))
                 except DataError as error:
                     skipped_early.append((str(file), str(error)))
                     continue
-                entries += [(s.image, path.name, "unknown", s.slice_index, s.slice_axis) for s in slices]
+                entries += [(s.image, path.name, "unknown", s.slice_index, s.slice_axis, path.parent) for s in slices]
         elif path.is_file():
-            entries.append((path, path.parent.name, "unknown", None, 2))
+            if path.parent.name in banned:
+                excluded[path.parent.name] = excluded.get(path.parent.name, 0) + 1
+                continue
+            entries.append((path, path.parent.name, "unknown", None, 2, path.parent.parent))
         else:
             raise DataError(f"{path}: no such manifest, folder or file")
     seen, images, skipped = set(), [], skipped_early
-    for file, dataset, modality, slice_index, axis in entries:
+    for file, dataset, modality, slice_index, axis, root in entries:
         key = (str(file), slice_index)
         if key in seen:
             continue
@@ -135,7 +156,12 @@ def collect_images(
             factor = max_side / longest
             size = [max(1, round(s * factor)) for s in tensor.shape[-2:]]
             tensor = F.interpolate(tensor[None], size=size, mode="area")[0]
-        images.append(PretrainImage(tensor.numpy().astype(np.float16), dataset, modality))
+        try:
+            relative = file.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            relative = f"{dataset}/{file.name}"
+        name = relative + (f"#{slice_index}" if slice_index is not None else "")
+        images.append(PretrainImage(tensor.numpy().astype(np.float16), dataset, modality, name))
     for path, reason in skipped:
         log(f"skipped {path}: {reason}")
     if not images:
@@ -207,6 +233,7 @@ def pretrain(
     warmup: int = 50,
     mask_ratio: float = 0.6,
     seed: int = 0,
+    exclude_sites: Sequence[str] = (),
     checkpoint_every: int = 100,
     preview_every: int = 250,
     resume: bool = False,
@@ -228,6 +255,8 @@ def pretrain(
         preview_every: steps between reconstruction previews (``preview.png``).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``mps``; batches and masks are drawn on the CPU from
             the step's seed, so a run is the same data on any device.
+        exclude_sites: sites or datasets never to pretrain on (see :func:`collect_images`); the list, the images
+            left out per dataset and the names of the images used (``images.txt``) go into the backbone folder.
     """
     if crop_size % MASK_PATCH or img_size % MASK_PATCH:
         raise ConfigError(f"crop_size and img_size must be multiples of {MASK_PATCH}")
@@ -236,11 +265,14 @@ def pretrain(
     model_args = dict(model_args or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    images, skipped = collect_images(sources, in_chans, log=log)
+    excluded: dict[str, int] = {}
+    images, skipped = collect_images(sources, in_chans, log=log, exclude_sites=exclude_sites, excluded=excluded)
     counts: dict[str, int] = {}
     for image in images:
         counts[image.dataset] = counts.get(image.dataset, 0) + 1
-    log(f"pretraining on {len(images)} images from {len(counts)} datasets ({len(skipped)} skipped)")
+    log(f"pretraining on {len(images)} images from {len(counts)} datasets ({len(skipped)} skipped)"
+        + (f"; excluded sites {sorted(set(exclude_sites))}: {sum(excluded.values())} entries left out"
+           if exclude_sites else ""))
     torch.manual_seed(seed)
     model = SimMIM(build_swin(arch, in_chans, img_size, model_args), in_chans).to(resolve_device(device))
     device = next(model.parameters()).device
@@ -303,12 +335,17 @@ def pretrain(
     tail = [row["loss"] for row in history[-50:]]
     provenance = {
         "method": "SimMIM (masked image modelling, 32-px blocks, ratio %.2f, L1 on masked pixels)" % mask_ratio,
-        "data": counts, "images": len(images), "skipped": len(skipped), "steps": steps, "batch_size": batch_size,
+        "data": counts, "images": len(images), "skipped": len(skipped),
+        "excluded_sites": sorted({name.strip() for name in exclude_sites if name.strip()}),
+        "excluded_entries": excluded, "steps": steps, "batch_size": batch_size,
         "crop_size": crop_size, "lr": lr, "seed": seed, "final_loss_mean_last_50": float(np.mean(tail)),
         "first_loss": history[0]["loss"] if history else None, "seconds": history[-1]["seconds"] if history else 0,
         "date": time.strftime("%Y-%m-%d"), "loss_curve": loss_curve(history),
     }
-    return save_backbone(model.encoder, out / "backbone", arch, model_args, in_chans, img_size, provenance, dtype)
+    folder = save_backbone(model.encoder, out / "backbone", arch, model_args, in_chans, img_size, provenance, dtype)
+    listing = "".join(f"{image.name}\n" for image in images)
+    atomic_write(folder / "images.txt", lambda t: Path(t).write_text(listing))
+    return folder
 
 
 def loss_curve(history: list[dict[str, float]], points: int = 100) -> list[list[float]]:

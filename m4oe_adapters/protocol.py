@@ -99,6 +99,7 @@ def run_protocol(
                     predictor, members, preset=fit.preset, in_chans=in_chans, num_classes=fit.num_classes,
                     label_names=fit.label_names, input_size=size, resize_mode=resize_mode, extra=extra,
                     keep_predictions=keep_predictions, progress=progress, volumes=True,
+                    scale=fit.provenance.get("scale"),
                 )
                 rows += found
                 skipped += bad

@@ -47,6 +47,8 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; ``None`` trains where the segmenter already is.
         gradient_checkpointing: recompute each backbone block during backward instead of keeping its activations
             (modes ``experts`` and ``decoder``; see :mod:`~m4oe_adapters.checkpointing`).
+        max_minutes: stop after this much wall time (a stated CPU budget; ``None``: no limit). A run stopped by it
+            is not repeatable step for step; ``stopped_early`` is set.
     """
 
     steps: int = 300
@@ -62,6 +64,7 @@ class TrainConfig:
     precision: str = "32"
     device: str | None = None
     gradient_checkpointing: bool = False
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -362,6 +365,9 @@ def train(
         if on_step is not None:
             on_step(step, row)
         if config.patience is not None and validations_without_gain >= config.patience:
+            stopped_early = True
+            break
+        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
             stopped_early = True
             break
     if bar is not None:

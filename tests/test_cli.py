@@ -193,3 +193,43 @@ def test_train_init_takes_the_zoos_reference_backbone_or_names_the_fingerprint_n
     code = main(["train", "--data", "x.csv", "--modality", "xray", "-o", str(tmp_path / "a.safetensors"),
                  "--no-progress"])
     assert code == 2  # neither --backbone/--weights nor --init: a one-line error, not a traceback
+
+
+@pytest.mark.parametrize("val, expected_val", [([], 0), (["--val", "2"], 2), (["--val", "9"], 3)])
+def test_shots_5_trains_on_all_5_images_and_validates_only_on_other_images(sites, tmp_path, capsys, val,
+                                                                          expected_val):
+    out = tmp_path / "few.safetensors"
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--shots", "5", *val, "--steps", "2", "--batch", "2", "--size", "64", "-o", str(out),
+                 "--no-progress"])
+    assert code == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("training on 5 labelled images (--shots 5)")
+    assert main(["inspect", str(out), "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["metadata"]["provenance"]
+    # site A has 8 images: the 5 shots all train; validation comes only from the 3 others, and only when asked
+    assert provenance["num_labelled_images"] == 5
+    assert provenance["num_validation_images"] == expected_val
+
+
+def test_more_shots_than_images_is_a_one_line_error(sites, tmp_path, capsys):
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "B",
+                 "--shots", "5", "--steps", "2", "-o", str(tmp_path / "x.safetensors"), "--no-progress"])
+    assert code == 2
+    assert "--shots 5: only 4 labelled images" in capsys.readouterr().err
+
+
+def test_val_from_shots_chooses_the_steps_by_cross_validation_and_trains_on_every_shot(sites, tmp_path, capsys):
+    out = tmp_path / "cv.safetensors"
+    code = main(["train", *TINY, "--data", str(sites / "manifest.csv"), "--modality", "xray", "--sites", "A",
+                 "--shots", "4", "--val-from-shots", "2", "--steps", "4", "--val-every", "2", "--batch", "2",
+                 "--size", "64", "-o", str(out), "--no-progress"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    provenance = json.loads(capsys.readouterr().out)["metadata"]["provenance"]
+    cross_validation = provenance["cross_validation"]
+    assert cross_validation["folds"] == 2 and len(cross_validation["best_steps"]) == 2
+    assert all(step in (2, 4) for step in cross_validation["best_steps"])
+    assert provenance["steps"] == cross_validation["chosen_steps"]
+    assert provenance["num_labelled_images"] == 4 and provenance["num_validation_images"] == 0

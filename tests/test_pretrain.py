@@ -119,3 +119,26 @@ def test_a_killed_pretraining_resumed_ends_with_the_same_weights(images, tmp_pat
     a = safetensors.torch.load_file(str(straight / "model.safetensors"))
     b = safetensors.torch.load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_excluded_sites_are_never_read_and_the_backbone_records_the_list(tmp_path):
+    """A manifest with two sites: pretraining with --exclude-sites B sees only site A's images, and the backbone's
+    config.json and images.txt say so."""
+    from m4oe_adapters.cli import main
+
+    rows = ["dataset,modality,site,image,mask,split_hint"]
+    for site in ("A", "B"):
+        (tmp_path / site).mkdir()
+        for index in range(3):
+            picture = (np.random.default_rng(index).uniform(0, 255, (64, 64))).astype(np.uint8)
+            Image.fromarray(picture).save(tmp_path / site / f"{site}{index}.png")
+            rows.append(f"set{site},xray,{site},{site}/{site}{index}.png,,")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["pretrain", str(tmp_path / "manifest.csv"), "--out", str(out), "--exclude-sites", "B",
+                 "--model-args", json.dumps(ARGS), "--img-size", "64", "--crop-size", "64", "--batch", "2",
+                 "--steps", "2", "--threads", "1", "--no-progress"]) == 0
+    provenance = json.loads((out / "backbone" / "config.json").read_text())["m4oe"]
+    assert provenance["excluded_sites"] == ["B"] and provenance["excluded_entries"] == {"setB": 3}
+    assert provenance["data"] == {"setA": 3}
+    assert sorted((out / "backbone" / "images.txt").read_text().split()) == ["A/A0.png", "A/A1.png", "A/A2.png"]

@@ -136,3 +136,13 @@ def test_two_process_ddp_ends_with_identical_weights_equal_to_one_process_over_t
         moved += bool((value - initial[key]).abs().max() > 1e-3)
     assert moved > len(reference) // 2  # training changed the tensors being compared
     assert close >= 0.9 * len(reference)
+
+
+def test_a_recipe_stops_at_its_cpu_budget_and_keeps_the_best_validation_weights():
+    from m4oe_adapters.recipes import RECIPES
+
+    config = RECIPES["fundus"].train_config(seed=0)
+    assert config.patience and config.max_minutes and config.val_every < config.steps  # converged or budget
+    budget = TrainConfig(steps=500, batch_size=2, val_every=1, seed=0, max_minutes=0.0)  # budget spent at once
+    result = train(segmenter("experts"), Discs(4, 0), Discs(2, 1), 2, budget, progress=False)
+    assert result.steps_done == 1 and result.stopped_early and result.best_val_dice is not None

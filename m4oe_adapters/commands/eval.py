@@ -32,6 +32,14 @@ def register(subparsers) -> None:
     parser.add_argument("--val", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=None)
+    parser.add_argument("--scale", choices=["auto", "off"], default="auto",
+                        help="auto: resample each image to the scale the adapter recorded (field-of-view diameter, "
+                             "pixel spacing) and the mask back; off: predict at the image's own pixel size")
+    parser.add_argument("--adapter-scale", default=None,
+                        help="KIND:VALUE for an adapter that recorded no scale, e.g. fov_diameter_px:540 "
+                             "(measured on its training images)")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="the images' pixel size, in the unit the adapter's scale uses (overrides headers)")
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--labels", default=None, help="comma-separated class names, background first, for the "
                         "report (default: the adapter's names; protocol: the dataset's known names, else class_<k>)")
@@ -68,6 +76,7 @@ def evaluate_adapter_from_args(args):
     from ..evaluation import evaluate_samples
     from ..runtime import device_predictor
     from ..segmenter_file import load_segmenter
+    from ..scale import parse_scale
 
     device, precision = runtime_from_args(args)
     backbone = load_backbone_from_args(args) if args.backbone else None
@@ -81,15 +90,25 @@ def evaluate_adapter_from_args(args):
         raise ConfigError(f"--labels names {len(label_names)} classes, the adapter {args.adapter} has "
                           f"{info.num_classes} ({', '.join(info.label_names)})")
     samples = select_samples(args, args.modality, comma_list(args.sites))
+    scale = None
+    if args.scale == "auto":
+        scale = parse_scale(args.adapter_scale) if args.adapter_scale else info.provenance.get("scale")
     rows, skipped = evaluate_samples(
         device_predictor(loaded, device, precision), samples, preset=info.preset, in_chans=loaded.in_chans,
         num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
-        keep_predictions=True, progress=not args.no_progress, volumes=True,
+        keep_predictions=True, progress=not args.no_progress, volumes=True, scale=scale, pixel_size=args.pixel_size,
     )
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
-             f"{info.provenance.get('sites')})", loaded.backbone_note]
+             f"{info.provenance.get('sites')})", loaded.backbone_note, scale_note(scale)]
     return rows, skipped, f"Evaluation of {args.adapter}", notes
+
+
+def scale_note(scale) -> str:
+    if not scale:
+        return "scale harmonisation off (no recorded scale, or --scale off): images predicted at their own pixel size"
+    return (f"scale harmonisation: each image resampled to the adapter's {scale['kind']} = {scale['value']:.4g} "
+            "(column scale_factor), the mask back to its grid")
 
 
 def run_protocol_from_args(args):

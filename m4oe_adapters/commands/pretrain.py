@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=1.5e-4)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude-sites", default="",
+                        help="comma-separated sites or datasets never to pretrain on (the sites you will call "
+                             "unseen), e.g. CHASE_DB1,Kvasir-SEG,CVC-ClinicDB,imlab-demo; recorded in config.json")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--preview-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     folder = pretrain(
         args.sources, args.out, arch=args.arch, model_args=args.model_args, in_chans=args.in_chans,
         img_size=args.img_size, crop_size=args.crop_size, batch_size=args.batch, steps=args.steps, lr=args.lr,
-        mask_ratio=args.mask_ratio, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        mask_ratio=args.mask_ratio, seed=args.seed,
+        exclude_sites=[name for name in args.exclude_sites.split(",") if name.strip()], checkpoint_every=args.checkpoint_every,
         preview_every=args.preview_every, resume=args.resume, dtype=args.dtype, progress=not args.no_progress,
         num_threads=args.threads, device=str(runtime_from_args(args)[0]),
     )

@@ -17,7 +17,12 @@ def register(subparsers) -> None:
     parser.add_argument("--modality", required=True, help="modality name (also selects manifest rows)")
     parser.add_argument("--sites", default=None, help="comma-separated training sites (default: all)")
     parser.add_argument("--shots", type=int, default=None, help="use only N labelled images (few-label new site)")
-    parser.add_argument("--val", type=int, default=4, help="images held out for validation/early stopping")
+    parser.add_argument("--val", type=int, default=None,
+                        help="validation images for early stopping, never taken from the --shots images "
+                             "(default: 0 with --shots, so all k labels train; 4 held out without --shots)")
+    parser.add_argument("--val-from-shots", type=int, default=None, metavar="FOLDS",
+                        help="choose the step count by FOLDS-fold cross-validation over the training images, then "
+                             "train on all of them (FOLDS + 1 trainings; no image is spent on validation)")
     parser.add_argument("--init", default=None,
                         help="start from this adapter file (adapt a known modality; experts/decoder modes); its "
                         "recipe (size, resize mode, preset, rank, alpha, targets) applies unless a flag overrides it")
@@ -35,6 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--resize", choices=["crop", "resize"], default=None,
                         help="crop: native-resolution crops (predict with sliding windows); resize: whole image "
                         "(default crop, or the --init adapter's)")
+    parser.add_argument("--pixel-size", type=float, default=None,
+                        help="the training images' pixel size (e.g. mm), recorded in the adapter; predict/eval then "
+                             "resample inputs of another pixel size to it (default: measured where possible: fundus "
+                             "field of view, CT/MRI header spacing)")
     parser.add_argument("--classes", type=int, default=None, help="class count (default: from the masks)")
     parser.add_argument("--labels", default=None, help="comma-separated class names, background first")
     parser.add_argument("--steps", type=int, default=300)
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=args.classes or (len(labels) if labels else None), label_names=labels,
         expert_config=ExpertConfig(rank=rank, alpha=alpha, target_pattern=targets),
         init_adapter=args.init, train_config=config, out_dir=out_dir, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, pixel_size=args.pixel_size, cross_validation_folds=args.val_from_shots,
     )
     rank, _ = distributed_context()
     if rank == 0:

@@ -1,0 +1,115 @@
+"""Scale harmonisation: the field of view is measured, inputs are predicted at the adapter's recorded scale and the
+mask comes back on the input's grid, and the CLI records and uses the scale."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from m4oe_adapters.data import data_root, read_image, read_manifest
+from m4oe_adapters.scale import fov_diameter_px, predict_mask_at_scale, resampling_factor
+
+
+def fundus_like(height: int, width: int, diameter: float, centre_row: float | None = None) -> np.ndarray:
+    """``[3, H, W]`` uint8: a bright orange disc of ``diameter`` px on black, with noise and a dark vessel."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    cy = height / 2 if centre_row is None else centre_row
+    disc = (yy - cy) ** 2 + (xx - width / 2) ** 2 < (diameter / 2) ** 2
+    image = np.zeros((3, height, width), np.float32)
+    image[0] = disc * 160 + rng.normal(0, 8, disc.shape)
+    image[1] = disc * 80 + rng.normal(0, 5, disc.shape)
+    image[:, height // 2 - 2 : height // 2 + 2, :] *= 0.4  # a vessel across the disc must not split it
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_field_of_view_diameter_is_measured_within_two_percent():
+    assert fov_diameter_px(fundus_like(300, 320, 250)) == pytest.approx(250, rel=0.02)
+    assert fov_diameter_px(fundus_like(900, 1000, 820)) == pytest.approx(820, rel=0.02)
+
+
+def test_a_disc_cut_at_top_and_bottom_still_gives_its_full_diameter():
+    # the camera crops the disc to 60% of its height: the area shrinks, the widest row does not
+    assert fov_diameter_px(fundus_like(240, 460, 400)) == pytest.approx(400, rel=0.02)
+
+
+def test_a_twice_larger_field_of_view_is_predicted_at_half_size_and_the_mask_returns_on_the_input_grid():
+    raw = fundus_like(400, 420, 360)
+    image = torch.from_numpy(raw.astype(np.float32) / 255)
+    seen = []
+
+    def predictor(batch):  # "foreground" = bright red; records the windows' input
+        seen.append(tuple(batch.shape[-2:]))
+        red = batch[:, :1]
+        return torch.cat([0.3 - red, red - 0.3], dim=1) * 10
+
+    recorded = {"kind": "fov_diameter_px", "value": 180.0}
+    assert resampling_factor(recorded, raw) == pytest.approx(0.5, rel=0.03)
+    mask = predict_mask_at_scale(predictor, image, (64, 64), "crop", scale=recorded, raw=raw)
+    assert tuple(mask.shape) == (400, 420)
+    expected = (raw[0] > 0.3 * 255).astype(np.int64)
+    dice = 2 * (mask.numpy() * expected).sum() / (mask.numpy().sum() + expected.sum())
+    assert dice > 0.97
+    # the predictor ran on the image shrunk to ~half (sliding windows of 64 px cover 200×210, not 400×420)
+    plain_calls = []
+    predict_mask_at_scale(lambda b: plain_calls.append(1) or predictor(b), image, (64, 64), "crop", scale=None)
+    assert len(seen) - len(plain_calls) < len(plain_calls) / 2
+
+
+def test_an_adapter_without_scale_or_a_resize_adapter_predicts_at_the_input_pixel_size():
+    raw = fundus_like(128, 128, 100)
+    assert resampling_factor(None, raw) == 1.0
+    assert resampling_factor({"kind": "fov_diameter_px", "value": 101.0}, raw) == 1.0  # within 5%: not resampled
+    shapes = []
+    image = torch.from_numpy(raw.astype(np.float32) / 255)
+    predict_mask_at_scale(lambda b: shapes.append(tuple(b.shape[-2:])) or b[:, :2], image, (64, 64), "resize",
+                          scale={"kind": "fov_diameter_px", "value": 50.0}, raw=raw)
+    assert shapes == [(64, 64)]
+
+
+def test_pixel_spacing_from_headers_sets_the_factor():
+    raw = np.zeros((1, 64, 64), np.float32)
+    recorded = {"kind": "pixel_spacing_mm", "value": 1.0}
+    assert resampling_factor(recorded, raw, {"spacing": [0.5, 0.5]}) == pytest.approx(0.5)
+    assert resampling_factor(recorded, raw, {}) == 1.0  # no header spacing: predicted as is
+    assert resampling_factor(recorded, raw, {}, pixel_size=2.0) == pytest.approx(2.0)  # the user's --pixel-size
+
+
+def test_train_records_the_pixel_size_and_eval_resamples_to_it(tmp_path, capsys):
+    from tests.test_cli import TINY, write_site
+
+    from m4oe_adapters.cli import main
+
+    write_site(tmp_path / "A", 6, 1, 120)
+    rows = ["dataset,modality,site,image,mask,split_hint"]
+    for image in sorted((tmp_path / "A" / "images").iterdir()):
+        rows.append(f"synthetic,xray,A,A/images/{image.name},A/masks/{image.stem}_mask.png,")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    adapter = tmp_path / "xray.safetensors"
+    assert main(["train", *TINY, "--data", str(tmp_path / "manifest.csv"), "--modality", "xray", "--steps", "2",
+                 "--batch", "2", "--size", "64", "--pixel-size", "0.5", "-o", str(adapter), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(adapter), "--json"]) == 0
+    scale = json.loads(capsys.readouterr().out)["metadata"]["provenance"]["scale"]
+    assert scale["kind"] == "pixel_size" and scale["value"] == 0.5
+    out = tmp_path / "report"
+    assert main(["eval", "--adapter", str(adapter), *TINY, "--data", str(tmp_path / "manifest.csv"), "--modality",
+                 "xray", "--pixel-size", "1.0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    factors = {row["scale_factor"] for row in metrics["images"]}
+    assert factors == {2.0}  # pixels twice as large as at training: enlarged twice before prediction
+
+
+DATA = data_root()
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason="real data not found (set M4OE_DATA)")
+def test_chase_db1_field_of_view_is_about_1_7_times_drive():
+    samples = [s for s in read_manifest(DATA / "manifest.csv") if s.dataset in ("DRIVE", "CHASE_DB1")]
+    drive = [fov_diameter_px(read_image(s.image).array) for s in samples if s.dataset == "DRIVE"][:6]
+    chase = [fov_diameter_px(read_image(s.image).array) for s in samples if s.dataset == "CHASE_DB1"][:6]
+    # DRIVE images are 565 px wide with a ~540 px disc; CHASE_DB1 999 px wide with a ~920 px disc
+    assert 520 < np.median(drive) < 560 and 880 < np.median(chase) < 960
