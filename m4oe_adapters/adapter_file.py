@@ -119,6 +119,7 @@ def cleanup_stale_temporaries(folder: str | Path, older_than_seconds: float = 0.
 # ------------------------------------------------------------------------------------------------- metadata
 def build_metadata(model: SegmentationModel, modality: str, dtype: str) -> dict[str, Any]:
     info = model.modalities[modality]
+    signatures = getattr(model, "signatures", {})  # baseline files (segmenter_file) are not routed: none
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -136,7 +137,7 @@ def build_metadata(model: SegmentationModel, modality: str, dtype: str) -> dict[
         "metrics": info.metrics,
         "dtype": dtype,
         "mode": info.provenance.get("mode", "experts"),
-    } | ({"routing": model.signatures[modality].metadata()} if modality in model.signatures else {})
+    } | ({"routing": signatures[modality].metadata()} if modality in signatures else {})
 
 
 def _fail(path: str | Path, problem: str) -> AdapterFormatError:

@@ -182,8 +182,9 @@ def describe_backbone(family: str, name: str, model_args: dict[str, Any] | None)
     as the zoo's reference backbone, must not be reported as that published model.
     """
     parts = []
+    model_args = model_args if isinstance(model_args, dict) else {}  # an adapter file's metadata is untrusted
     for key, label in ARCHITECTURE_ARGS:
-        value = (model_args or {}).get(key)
+        value = model_args.get(key)
         if value is None:
             continue
         parts.append(f"{label} {'-'.join(str(v) for v in value) if isinstance(value, (list, tuple)) else value}")

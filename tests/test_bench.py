@@ -18,7 +18,8 @@ def test_bench_quick_writes_every_field(tmp_path, capsys):
         assert row["step_seconds"] > 0 and row["total_bytes"] == row["saved_activation_bytes"] + row["state_bytes"]
         assert 0 < row["trainable_share"] <= 1 and row["gflop_per_step"] > 0 and row["share_of_matmul_peak"] > 0
     for batch in report["inference_seconds"].values():
-        assert set(batch) == {"frozen_base", "merged", "unmerged_hard", "mixed_4_modalities", "soft_gate"}
+        assert set(batch) == {"frozen_base", "merged", "unmerged_hard", "mixed_4_modalities",
+                              "routed_4_modalities", "soft_gate"}
     assert report["matmul_peak_gflops"] > 0 and report["adapter_load_ms"] > 0
     assert set(report["targets"]) == set(report["ratios"]) - {
         "lora_vs_full_memory", "soft_vs_hard_latency", "bf16_vs_fp32_time", "bf16_vs_fp32_activations"}

@@ -2,8 +2,9 @@
 there and never leaves a partial file under the final name.
 
 The writer runs in a separate Python process (``WRITER`` below), started once per test: it builds what it writes,
-measures how long one save takes, then for each round forks a child that saves once over the file while the test
-SIGKILLs it after a random delay between 0 and that duration. The writer process sets one torch thread before
+measures how long one save takes and when its write begins (save_adapter first checks the bytes it will write),
+then for each round forks a child that saves once over the file while the test SIGKILLs it at a random moment of
+the write (after its temporary file appears; for checkpoints, which write at once, a random moment of the save). The writer process sets one torch thread before
 any work, so forking it is safe. ``M4OE_CRASH_KILLS`` sets the number of kills per test (default 30).
 """
 from __future__ import annotations
@@ -50,16 +51,28 @@ WRITER = textwrap.dedent('''
             state = {"step": int(value), "weights": torch.full((20_000_000,), float(value))}
             return lambda target: atomic_write(target, lambda t: torch.save(state, t))
 
+    # save_adapter checks the serialised bytes with the reader before it writes: note when the write itself
+    # begins (atomic_write is called), so the kills can be aimed at the writing, not at the checking before it.
+    import m4oe_adapters.adapter_file as adapter_file
+    marks = []
+    unpatched = adapter_file.atomic_write
+    def noted(target, write):
+        marks.append(time.perf_counter())
+        return unpatched(target, write)
+    adapter_file.atomic_write = noted
+
     old, new = version(1), version(2)
     old(path)
-    durations = []
+    durations, write_starts = [], []
     for index in range(3):
+        marks.clear()
         start = time.perf_counter()
         new(path + ".timing")
         durations.append(time.perf_counter() - start)
+        write_starts.append((marks[0] - start) if marks else 0.0)
     os.unlink(path + ".timing")
     old(path)
-    print("ready", min(durations), flush=True)
+    print("ready", min(durations), min(write_starts), flush=True)
     for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
@@ -83,14 +96,21 @@ def kill_writes(tmp_path: Path, mode: str, path: Path, check) -> dict[str, int]:
     rng = random.Random(0)
     counts = {"kills": 0, "mid-write": 0, "before the temporary": 0, "after the rename": 0}
     try:
-        ready, duration = writer.stdout.readline().split()
+        ready, duration, write_start = writer.stdout.readline().split()
         assert ready == "ready"
         counts["save_ms"] = round(float(duration) * 1000)
+        counts["write_starts_ms"] = round(float(write_start) * 1000)
         previous = path.read_bytes()
         for _ in range(KILLS):
             writer.stdin.write("go\n")
             pid = int(writer.stdout.readline())
-            time.sleep(rng.uniform(0.0, float(duration)))
+            if float(write_start) > 0:  # wait for the write to begin (its temporary file), then kill during it
+                deadline = time.perf_counter() + 30
+                while not any(p.name.endswith(".tmp") for p in path.parent.iterdir()) and time.perf_counter() < deadline:
+                    time.sleep(0.0005)
+                time.sleep(rng.uniform(0.0, float(duration) - float(write_start)))
+            else:
+                time.sleep(rng.uniform(0.0, float(duration)))
             os.kill(pid, signal.SIGKILL)
             writer.stdin.write("reaped?\n")
             how = writer.stdout.readline().strip()

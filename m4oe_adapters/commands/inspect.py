@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     backbone = meta.get("backbone")
     provenance = meta.get("provenance", {})
     mode = meta.get("mode", "experts")
+    routing = meta.get("routing")
     lines = [
         f"file            {report['file']} ({report['size_bytes'] / 1e6:.2f} MB, {meta['dtype']})",
         f"format          {meta['format']} v{meta['format_version']}",
@@ -72,11 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if backbone is None:
         lines.append(f"network         {json.dumps(meta.get('network', {}))} (trained from scratch, no backbone)")
     else:
-        routing = meta.get("routing")
-    if routing:
-        lines.append(f"routing         signature of {routing['images']} images ({report['routing_signature_bytes']:,} "
-                     f"bytes), min confidence {routing['min_confidence']:g}")
-    lines += [
+        lines += [
             f"backbone        {describe_backbone(backbone['family'], backbone['name'], backbone.get('model_args'))} "
             f"({'pretrained: ' + str(backbone.get('weights')) if backbone.get('pretrained') else 'RANDOM weights'})",
             *backbone_lines(backbone),
@@ -87,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
                       f"decoder+head {report['decoder_parameters']:,})")
     else:
         parameters = f"{report['parameters']:,} (the {mode} model's stored state)"
-    routing = meta.get("routing")
     if routing:
         lines.append(f"routing         signature of {routing['images']} images ({report['routing_signature_bytes']:,} "
                      f"bytes), min confidence {routing['min_confidence']:g}")
