@@ -37,6 +37,7 @@ WRITER = textwrap.dedent('''
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "adapter":
         from conftest import tiny_backbone
+        torch.set_num_threads(1)  # conftest sets 2 on import; a forked child of a multi-threaded parent can hang
         from m4oe_adapters import DecoderConfig, ExpertConfig, SegmentationModel
 
         def version(value):  # about 75 MB: a save takes 100+ ms, so kills land mid-write
