@@ -28,6 +28,9 @@ from .model import SegmentationModel
 MODES = ("experts", "decoder", "lora", "full", "scratch")
 
 
+KEY_UPDATES = "router_key_updates"
+
+
 class ModalitySegmenter(nn.Module):
     """One modality of a :class:`SegmentationModel` (modes ``experts`` and ``decoder``)."""
 
@@ -54,10 +57,18 @@ class ModalitySegmenter(nn.Module):
         return [p for p in parameters if p.requires_grad]
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().clone() for key, value in self.model.modality_tensors(self.modality).items()}
+        state = {key: value.detach().clone() for key, value in self.model.modality_tensors(self.modality).items()}
+        # How many updates each router key has seen (its running mean is bias-corrected): a resumed run must
+        # continue the same average.
+        state[KEY_UPDATES] = torch.tensor([layer._key_updates.get(self.modality, 0)
+                                           for layer in self.model.expert_layers.values()], dtype=torch.int64)
+        return state
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.set_modality_tensors(self.modality, state)
+        self.model.set_modality_tensors(self.modality, {k: v for k, v in state.items() if k != KEY_UPDATES})
+        if KEY_UPDATES in state:
+            for layer, count in zip(self.model.expert_layers.values(), state[KEY_UPDATES].tolist()):
+                layer._key_updates[self.modality] = int(count)
 
     def set_training_behaviour(self, training: bool) -> None:
         """Hard-routing training moves the expert's router key towards the mean token it sees."""
