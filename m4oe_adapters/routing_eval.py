@@ -173,6 +173,18 @@ def _counts(values) -> dict[str, int]:
     return counts
 
 
+REPORT_FILES = ("routing.csv", "confusion.csv", "confusion.png", "summary.json", "report.md")
+
+
+def check_report_folder(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse (before any work) a folder that already holds one of the report's files, unless ``overwrite``."""
+    from .errors import ConfigError
+
+    existing = [Path(out_dir) / name for name in REPORT_FILES if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} exists; choose another --out or pass --overwrite to replace the report")
+
+
 def write_routing_report(report: dict[str, Any], out_dir: str | Path, command: str = "") -> list[Path]:
     """``routing.csv`` (per image), ``confusion.csv``, ``confusion.png``, ``summary.json``, ``report.md``."""
     from .adapter_file import atomic_write

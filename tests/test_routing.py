@@ -264,3 +264,12 @@ def test_predict_keeps_colliding_names_apart_and_never_overwrites_without_being_
     assert main(args) == 2  # refused before writing anything
     assert {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in written} == stamp
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_eval_routing_refuses_to_replace_an_earlier_report_without_overwrite(tmp_path, capsys):
+    from m4oe_adapters.cli import main
+
+    (tmp_path / "report.md").write_text("a user's earlier report\n")
+    code = main(["eval-routing", "--zoo", str(ZOO), "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path)])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == "a user's earlier report\n"

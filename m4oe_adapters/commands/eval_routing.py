@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--weights", default=None, help="backbone weights for --dice (default: the zoo's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     parser.set_defaults(func=run)
 
 
@@ -41,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from ..adapter_file import read_adapter
     from ..data import read_manifest
     from ..errors import ConfigError
-    from ..routing_eval import RoutedImage, describe_samples, evaluate_routing, synthetic_unknowns, write_routing_report
+    from ..routing_eval import (RoutedImage, check_report_folder, describe_samples, evaluate_routing,
+                                synthetic_unknowns, write_routing_report)
     from ..signatures import ImageSignature, image_descriptors, routing_thumbnails
     from .data_args import default_data_root
 
+    check_report_folder(args.out, args.overwrite)
     paths = [Path(p) for p in args.adapter]
     weights = args.weights
     if args.zoo:

@@ -33,7 +33,7 @@ class UnknownModality(ServiceError):
 
 
 class RoutingUnavailable(ServiceError):
-    """No modality was given and the model has no image-level router."""
+    """No modality was given and no served adapter has a routing signature."""
 
     status = 422
 
