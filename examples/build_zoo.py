@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     zoo = Path(args.zoo)
     zoo.mkdir(parents=True, exist_ok=True)
-    samples = read_manifest(Path(args.data) / "manifest.csv")
+    samples = read_manifest(Path(args.data) / "manifest.csv", nonempty_slices=True)
     weights = None if args.weights == "none" else args.weights
     if weights is not None and Path(weights).resolve() != (zoo / "backbone").resolve():
         shutil.copytree(weights, zoo / "backbone", dirs_exist_ok=True)  # the zoo ships its backbone

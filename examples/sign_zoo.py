@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
     args = parser.parse_args(argv)
     zoo = Path(args.zoo)
-    samples = read_manifest(Path(args.data) / "manifest.csv")
+    samples = read_manifest(Path(args.data) / "manifest.csv", nonempty_slices=True)
     index_path = zoo / "index.json"
     index = json.loads(index_path.read_text())
     for entry in index["adapters"]:

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        from .commands.common import apply_threads
+
+        apply_threads(args)  # every command that computes takes --threads
         return int(args.func(args) or 0)
     except M4oEError as error:
         print(f"m4oe: error: {error}", file=sys.stderr)

@@ -135,7 +135,7 @@ def real_samples(data: str | Path | None) -> tuple[list | None, Path]:
         return None, root
     from .data import read_manifest
 
-    return read_manifest(manifest), root
+    return read_manifest(manifest, nonempty_slices=True), root
 
 
 def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[str, Any]]:

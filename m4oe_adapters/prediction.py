@@ -221,6 +221,10 @@ def predict_files(
                     results.append(_unknown(source, confidence))
                     continue
                 meta = {"dtype": str(volume.dtype)}
+                if progress:  # a volume can take minutes: a bar over its slices (with ETA) under the files' bar
+                    from tqdm.auto import tqdm
+
+                    slices = tqdm(slices, desc=source.name, unit="slice", leave=False)
                 masks = [predict_array(model, slice_[None], chosen, meta) for slice_ in slices]
                 mask = np.moveaxis(np.stack(masks), 0, axis)
                 write_mask(mask, target, affine=affine)

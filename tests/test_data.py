@@ -460,9 +460,9 @@ def test_volumes_in_a_manifest_expand_to_slices_with_foreground(tmp_path):
                  tmp_path / "img.nii.gz")
     nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), tmp_path / "seg.nii.gz")
     (tmp_path / "m.csv").write_text("dataset,modality,site,image,mask\nd,MRI,S,img.nii.gz,seg.nii.gz\n")
-    samples = read_manifest(tmp_path / "m.csv")
+    samples = read_manifest(tmp_path / "m.csv", nonempty_slices=True)
     assert [s.slice_index for s in samples] == [1, 4]
-    assert len(read_manifest(tmp_path / "m.csv", nonempty_slices=False)) == 6
+    assert len(read_manifest(tmp_path / "m.csv")) == 6  # every slice by default, as on the command line
     _, mask, _ = load_pair(samples[1])
     assert mask.sum() == 4
 

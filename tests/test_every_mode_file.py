@@ -165,6 +165,9 @@ def test_every_subcommand_help_shows_its_defaults():
         assert text in train_help, text
     eval_help = subparsers["eval"].format_help()
     assert "(default: 300)" in eval_help and "(default: crop)" in eval_help
+    computing = set(COMMANDS) - {"inspect", "zoo", "backbone", "export-peft", "import-peft"}
+    for name in computing:  # every command that runs a model takes --threads
+        assert "--threads" in subparsers[name].format_help(), name
     for name, sub in subparsers.items():
         for action in sub._actions:
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
@@ -189,3 +192,40 @@ def test_protocol_reports_label_names_and_training_counts_and_saves_usable_files
     assert "training images (validation images) per run: experts all shots: 2 (1); scratch all shots: 2 (1)" in report
     for path in sorted(saved.iterdir()):
         assert main(["inspect", str(path)]) == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--adapter", "a.safetensors", "--steps", "5"], "--steps only applies to the protocol"),
+    (["--adapter", "a.safetensors", "--modes", "lora", "--seed", "1"], "--modes, --seed only apply to the protocol"),
+    (["--train-sites", "A", "--test-sites", "B", "--adapter-scale", "fov_diameter_px:540"],
+     "--adapter-scale applies only when evaluating an --adapter"),
+    (["--train-sites", "A", "--test-sites", "B", "--modes", "full,scratch", "--rank", "4"],
+     "--rank does not apply to --modes full,scratch"),
+    (["--train-sites", "A", "--test-sites", "B", "--adapter", "a.safetensors"], "give one of them"),
+])
+def test_eval_refuses_flags_of_the_job_it_is_not_doing(extra, message, data, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", *TINY, "--data", str(data / "manifest.csv"), "--modality", "xray", *extra,
+                 "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_volume_given_to_predict_shows_a_bar_over_its_slices(tmp_path, capsys):
+    import h5py
+
+    root = tmp_path / "d"
+    write_site(root / "A", 4, 1, 120)
+    rows = ["dataset,modality,site,image,mask,split_hint"]
+    rows += [f"synthetic,MRI,A,A/images/{p.name},A/masks/{p.stem}_mask.png," for p in sorted((root / "A" / "images").iterdir())]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    adapter = tmp_path / "mri.safetensors"
+    assert main(["train", *TINY, "--data", str(root / "manifest.csv"), "--modality", "MRI", "--steps", "1", "--batch",
+                 "2", "--size", "32", "--val", "0", "--no-progress", "-o", str(adapter)]) == 0
+    with h5py.File(tmp_path / "v.h5", "w") as handle:
+        handle["image"] = np.random.default_rng(0).integers(0, 200, (40, 40, 7)).astype(np.float32)
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "v.h5"), "--adapter", str(adapter), *TINY,
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "v.h5" in err and "7/7" in err and "slice" in err

@@ -55,7 +55,7 @@ def manifest_samples():
     manifest = data_root() / "manifest.csv"
     if not manifest.is_file():
         pytest.skip(f"needs the shared data ({manifest})")
-    return read_manifest(manifest)
+    return read_manifest(manifest, nonempty_slices=True)
 
 
 @pytest.fixture(scope="module")

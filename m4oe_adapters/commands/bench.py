@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_runtime_arguments, json_mapping, runtime_from_args
+from .common import add_threads_argument, add_runtime_arguments, json_mapping, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
                              "on modality switches (compiling takes minutes on a CPU)")
     add_runtime_arguments(parser, precision=False)
     parser.add_argument("--out", default="bench.json", help="JSON report")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_runtime_arguments, runtime_from_args
+from .common import add_threads_argument, add_runtime_arguments, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -16,6 +16,7 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     add_runtime_arguments(parser, precision=False)
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

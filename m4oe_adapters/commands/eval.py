@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import write_outputs
 
     apply_threads(args)
+    check_flags(args)
     if args.train_sites:
         rows, skipped, title, notes = run_protocol_from_args(args)
     elif args.adapter:
@@ -65,6 +66,42 @@ def run(args: argparse.Namespace) -> int:
     print((outputs["report"]).read_text())
     print(f"wrote {', '.join(str(p) for p in outputs.values())}")
     return 0
+
+
+# Flags of one of eval's two jobs, refused in the other rather than silently ignored.
+PROTOCOL_FLAGS = ("--test-sites", "--modes", "--shots", "--steps", "--batch", "--lr", "--rank", "--size", "--resize",
+                  "--val", "--seed", "--save-adapters")
+ADAPTER_FLAGS = ("--adapter-scale",)
+LOW_RANK_MODES = ("experts", "decoder", "lora")
+
+
+def given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` was on the command line (not just its default)."""
+    return any(token == flag or token.startswith(flag + "=") for token in getattr(args, "argv", ()))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that do nothing in the job asked for (evaluate one adapter, or run the protocol)."""
+    from ..errors import ConfigError
+
+    if args.train_sites and args.adapter:
+        raise ConfigError("--adapter evaluates a trained file and --train-sites runs the protocol (which trains its "
+                          "own): give one of them")
+    if args.train_sites:
+        wrong = [flag for flag in ADAPTER_FLAGS if given(args, flag)]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} applies only when evaluating an --adapter, not to the protocol "
+                              "(--train-sites); drop it")
+        modes = comma_list(args.modes)
+        if given(args, "--rank") and not set(modes) & set(LOW_RANK_MODES):
+            raise ConfigError(f"--rank does not apply to --modes {args.modes} (only to {', '.join(LOW_RANK_MODES)}); "
+                              "drop it")
+    elif args.adapter:
+        wrong = [flag for flag in PROTOCOL_FLAGS if given(args, flag)]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} to the protocol "
+                              "(--train-sites/--test-sites); an --adapter is evaluated as it was trained: drop "
+                              f"{'it' if len(wrong) == 1 else 'them'}")
 
 
 def backbone_note(backbone) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from .common import add_threads_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -32,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--map {item}: no loaded adapter {name!r} (loaded: {', '.join(signatures)})")
         expected[dataset] = name
     root = Path(args.data) if args.data else default_data_root()
-    samples = read_manifest(root / "manifest.csv" if root.is_dir() else root)
+    samples = read_manifest(root / "manifest.csv" if root.is_dir() else root, nonempty_slices=True)
     images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed)
     for source, array in synthetic_unknowns(args.synthetic_unknowns, args.seed):
         images.append(RoutedImage(source, "synthetic", None, image_descriptors(routing_thumbnails(array))[0]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_runtime_arguments, json_mapping, runtime_from_args
+from .common import add_runtime_arguments, add_threads_argument, json_mapping, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                              "unseen), e.g. CHASE_DB1,Kvasir-SEG,CVC-ClinicDB,imlab-demo; recorded in config.json")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--preview-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype of the saved weights")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/pretrain_checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_threads_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve every adapter on one backbone over HTTP (mixed batches)")
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
                         help="uvicorn: this process; ray: Ray Serve replicas (pip install 'ray[serve]')")
     parser.add_argument("--replicas", default="1", help="Ray Serve replicas: a number or 'auto'")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from .common import add_threads_argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve-bench", help="bounded load test of the service on localhost")
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--memory-adapters", type=int, default=100, help="adapters of the memory scenario (0: skip)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_threads_argument
+
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--views", type=int, default=8, help="augmented views per image")
     parser.add_argument("--min-confidence", type=float, default=1e-3, help="stored acceptance threshold")
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

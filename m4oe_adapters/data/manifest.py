@@ -84,10 +84,11 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- manifests
 def read_manifest(
-    csv_path: str | Path, *, expand_volumes: bool = True, nonempty_slices: bool = True, slice_axis: int | None = None
+    csv_path: str | Path, *, expand_volumes: bool = True, nonempty_slices: bool = False, slice_axis: int | None = None
 ) -> list[Sample]:
     """Samples of a manifest CSV (absolute paths); 3D volumes become one sample per slice along ``slice_axis``
-    (see :func:`expand_volume`; only slices whose mask has foreground when ``nonempty_slices``).
+    (see :func:`expand_volume`): every slice, as the command line does, or only slices whose mask has foreground
+    when ``nonempty_slices`` (``--foreground-slices``).
 
     Raises:
         ManifestError: missing CSV or columns, or a row naming a missing file (with its line number).

@@ -1,0 +1,116 @@
+"""Few-label site adaptation, DRIVE → CHASE_DB1 (issue 14 item 5), resumable: one row per finished run.
+
+    python examples/fewshot_sweep.py --source SOURCE.safetensors --out runs/fewshot_fundus [--seeds 0,1,2]
+
+* Backbone: the clean reference backbone (``adapters_zoo/backbone_clean``, never saw CHASE_DB1).
+* Split of CHASE_DB1 by child (both eyes of a child stay together): children 01–07 are the pool the k labelled
+  images are drawn from (``--shots k --seed s`` picks them), children 08–14 (14 images) are the test set, never
+  trained or validated on. The split is a manifest written into ``OUT`` that points at the shared data (no copy).
+* Every mode runs the same fixed recipe (``--steps``, default 150, the recipe the source adapter was trained with):
+  with k labels there is nothing left to stop on, so the step count is chosen beforehand, not on the test images.
+* Modes: ``experts`` starts from the source adapter (``--init``: the DRIVE-trained experts and decoder, recipe
+  inherited); ``lora`` (PEFT LoRA + decoder), ``full`` (whole backbone + decoder) start from the clean backbone;
+  ``scratch`` is the from-scratch U-Net. ``zero-shot`` is the source adapter itself.
+* Each finished run appends a row to ``OUT/results.csv`` (mode, k, seed, Dice with its 95 % CI over the test images,
+  HD95, seconds); a row already there is skipped, so the sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone_clean"]
+FIELDS = ["mode", "k", "seed", "dice", "dice_low", "dice_high", "hd95", "train_s", "eval_s", "test_images"]
+
+
+def write_split(data: Path, out: Path) -> Path:
+    """Manifest of CHASE_DB1 with split_hint train (children 01–07) / test (08–14), absolute paths."""
+    manifest = out / "chase_split.csv"
+    rows = [r for r in csv.DictReader(open(data / "manifest.csv", newline="")) if r["dataset"] == "CHASE_DB1"]
+    with open(manifest.with_suffix(".tmp"), "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["dataset", "modality", "site", "image", "mask", "split_hint"])
+        writer.writeheader()
+        for row in rows:
+            child = int(Path(row["image"]).stem.split("_")[1][:2])
+            writer.writerow({**row, "image": str((data / row["image"]).resolve()),
+                             "mask": str((data / row["mask"]).resolve()),
+                             "split_hint": "train" if child <= 7 else "test"})
+    os.replace(manifest.with_suffix(".tmp"), manifest)
+    return manifest
+
+
+def run(cmd: list[str], log: Path) -> float:
+    start = time.time()
+    with open(log, "w") as stream:
+        code = subprocess.call(cmd, stdout=stream, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}; see {log}")
+    return time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="DRIVE-trained fundus adapter on the clean backbone")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--shots", default="3,1,5,all", help="k values, in the order they run")
+    parser.add_argument("--modes", default="experts,full,scratch,lora")
+    parser.add_argument("--steps", type=int, default=150)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = write_split(Path(args.data), out)
+    results = out / "results.csv"
+    done = set()
+    if results.is_file():
+        done = {(r["mode"], r["k"], r["seed"]) for r in csv.DictReader(open(results))}
+    else:
+        with open(results, "w", newline="") as stream:
+            csv.DictWriter(stream, fieldnames=FIELDS).writeheader()
+    m4oe = [sys.executable, "-m", "m4oe_adapters.cli"]
+    plan = [("zero-shot", "0", "0")]
+    for k in args.shots.split(","):
+        for seed in args.seeds.split(","):
+            plan += [(mode, k, seed) for mode in args.modes.split(",")]
+    for mode, k, seed in plan:
+        if (mode, k, seed) in done:
+            continue
+        name = f"{mode}_k{k}_s{seed}"
+        adapter, train_s = Path(args.source), 0.0
+        if mode != "zero-shot":
+            adapter = out / f"{name}.safetensors"
+            if not adapter.is_file():
+                cmd = m4oe + ["train", *BACKBONE, "--data", str(manifest), "--modality", "fundus", "--split", "train",
+                              "--mode", mode, "--steps", str(args.steps), "--seed", seed, "--no-progress",
+                              "-o", str(adapter)]
+                if k != "all":
+                    cmd += ["--shots", k]
+                else:
+                    cmd += ["--val", "0"]
+                if mode == "experts":
+                    cmd += ["--init", args.source]
+                else:
+                    cmd += ["--resize", "crop"]
+                train_s = run(cmd, out / f"{name}.train.log")
+        report = out / name
+        cmd = m4oe + ["eval", *BACKBONE, "--data", str(manifest), "--modality", "fundus", "--split", "test",
+                      "--adapter", str(adapter), "--out", str(report), "--no-progress"]
+        eval_s = run(cmd, out / f"{name}.eval.log")
+        summary = json.load(open(report / "metrics.json"))["summary"][0]
+        row = {"mode": mode, "k": k, "seed": seed, "train_s": round(train_s), "eval_s": round(eval_s),
+               "test_images": summary["images"], **{f: round(summary[f], 4) for f in
+                                                     ("dice", "dice_low", "dice_high", "hd95")}}
+        with open(results, "a", newline="") as stream:
+            csv.DictWriter(stream, fieldnames=FIELDS).writerow(row)
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
