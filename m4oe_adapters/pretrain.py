@@ -91,14 +91,15 @@ class PretrainImage:
 
 def collect_images(
     sources: Sequence[str | Path], in_chans: int, max_side: int = 512, log: Callable[[str], None] = print,
-    exclude_sites: Sequence[str] = (), excluded: dict[str, int] | None = None,
+    exclude_sites: Sequence[str] = (), excluded: dict[str, int] | None = None, slice_axis: int | None = None,
 ) -> tuple[list[PretrainImage], list[tuple[str, str]]]:
     """Read every image of the sources (manifest CSVs, folders or files), masks unused; bad files are skipped
     and returned as ``(path, reason)``.
 
     ``exclude_sites`` names sites (a manifest's ``site`` column) or datasets (its ``dataset`` column, or an image
     folder's name) that pretraining must never see, e.g. the sites a report calls unseen; their images are not read
-    at all, and ``excluded`` (if given) receives how many were left out per dataset.
+    at all, and ``excluded`` (if given) receives how many were left out per dataset. Volumes are cut into every
+    slice along ``slice_axis`` (``None``: a known dataset's axis, else the header's coarsest-spacing axis).
     """
     from .data import Sample, normalise, read_image, read_manifest
     from .data.manifest import expand_volume
@@ -114,7 +115,7 @@ def collect_images(
         if path.is_dir() and (path / "manifest.csv").is_file():
             path = path / "manifest.csv"
         if path.suffix.lower() == ".csv":
-            for sample in read_manifest(path, nonempty_slices=False):
+            for sample in read_manifest(path, nonempty_slices=False, slice_axis=slice_axis):
                 if sample.site in banned or sample.dataset in banned:
                     excluded[sample.dataset] = excluded.get(sample.dataset, 0) + 1
                     continue
@@ -126,7 +127,7 @@ def collect_images(
                 continue
             for file in sorted(p for p in path.rglob("*") if p.is_file() and suffix(p) in IMAGE_SUFFIXES_ALL):
                 try:  # volumes become one entry per slice
-                    slices = expand_volume(Sample(path.name, "unknown", "", file, None))
+                    slices = expand_volume(Sample(path.name, "unknown", "", file, None), False, slice_axis)
                 except DataError as error:
                     skipped_early.append((str(file), str(error)))
                     continue
@@ -240,6 +241,7 @@ def pretrain(
     dtype: str = "fp32",
     progress: bool = True,
     num_threads: int | None = None,
+    slice_axis: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
     device: str = "auto",
@@ -266,7 +268,8 @@ def pretrain(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     excluded: dict[str, int] = {}
-    images, skipped = collect_images(sources, in_chans, log=log, exclude_sites=exclude_sites, excluded=excluded)
+    images, skipped = collect_images(sources, in_chans, log=log, exclude_sites=exclude_sites, excluded=excluded,
+                                     slice_axis=slice_axis)
     counts: dict[str, int] = {}
     for image in images:
         counts[image.dataset] = counts.get(image.dataset, 0) + 1

@@ -142,3 +142,15 @@ def test_excluded_sites_are_never_read_and_the_backbone_records_the_list(tmp_pat
     assert provenance["excluded_sites"] == ["B"] and provenance["excluded_entries"] == {"setB": 3}
     assert provenance["data"] == {"setA": 3}
     assert sorted((out / "backbone" / "images.txt").read_text().split()) == ["A/A0.png", "A/A1.png", "A/A2.png"]
+
+
+def test_pretraining_cuts_volumes_along_the_axis_it_is_given(images):
+    from m4oe_adapters.pretrain import collect_images
+
+    def slices(**kwargs):
+        found, _ = collect_images([images], in_chans=1, log=lambda _: None, **kwargs)
+        return sorted(image.name for image in found if "vol.nii.gz#" in image.name)
+
+    assert len(slices()) == 3  # 64 x 64 x 3, isotropic: the shortest axis
+    along_first = slices(slice_axis=0)
+    assert len(along_first) == 64

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    parser.add_argument("--slice-axis", type=int, default=None,
+                        help="axis along which 3D volumes are cut into 2D slices (default: a known dataset's axis, "
+                             "else the coarsest-spacing axis in the header, else the shortest axis)")
     add_threads_argument(parser)
     parser.set_defaults(func=run)
 
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--map {item}: no loaded adapter {name!r} (loaded: {', '.join(signatures)})")
         expected[dataset] = name
     root = Path(args.data) if args.data else default_data_root()
-    samples = read_manifest(root / "manifest.csv" if root.is_dir() else root, nonempty_slices=True)
+    samples = read_manifest(root / "manifest.csv" if root.is_dir() else root, nonempty_slices=True,
+                            slice_axis=args.slice_axis)
     images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed)
     for source, array in synthetic_unknowns(args.synthetic_unknowns, args.seed):
         images.append(RoutedImage(source, "synthetic", None, image_descriptors(routing_thumbnails(array))[0]))

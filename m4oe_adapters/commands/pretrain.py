@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                         help="comma-separated sites or datasets never to pretrain on (the sites you will call "
                              "unseen), e.g. CHASE_DB1,Kvasir-SEG,CVC-ClinicDB,imlab-demo; recorded in config.json")
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--slice-axis", type=int, default=None,
+                        help="axis along which 3D volumes are cut into 2D slices (default: a known dataset's axis, "
+                             "else the coarsest-spacing axis in the header, else the shortest axis)")
     parser.add_argument("--preview-every", type=int, default=250)
     add_threads_argument(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype of the saved weights")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         mask_ratio=args.mask_ratio, seed=args.seed,
         exclude_sites=[name for name in args.exclude_sites.split(",") if name.strip()], checkpoint_every=args.checkpoint_every,
         preview_every=args.preview_every, resume=args.resume, dtype=args.dtype, progress=not args.no_progress,
-        num_threads=args.threads, device=str(runtime_from_args(args)[0]),
+        num_threads=args.threads, device=str(runtime_from_args(args)[0]), slice_axis=args.slice_axis,
     )
     print(f"wrote {folder} (load with: --backbone timm:{args.arch} --weights {folder})")
     return 0
