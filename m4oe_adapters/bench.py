@@ -41,7 +41,7 @@ import torch.nn as nn
 from .adapter_file import load_adapter, save_adapter
 from .backbones import load_backbone
 from .config import DecoderConfig, ExpertConfig
-from .checkpointing import set_gradient_checkpointing, swin_blocks
+from .checkpointing import checkpointed_modules, set_gradient_checkpointing
 from .model import SegmentationModel
 from .runtime import autocast, resolve_device
 from .segmenters import BackboneSegmenter, ModalitySegmenter
@@ -103,9 +103,10 @@ class SavedActivations:
 
     def _block_inputs(self, module, args) -> None:
         if torch.is_grad_enabled():
-            for tensor in args:
-                if isinstance(tensor, torch.Tensor):
-                    self._pack(tensor)
+            for value in args:  # a decoder's input is a list of feature maps
+                for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(tensor, torch.Tensor):
+                        self._pack(tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout == torch.strided and tensor.device.type != "meta":
@@ -244,7 +245,7 @@ def run_benchmark(
     segmenter = ModalitySegmenter(model, "m0")
     cases["experts_hard_k1_checkpointed"] = TrainCase(
         "experts_hard_k1_checkpointed", segmenter, segmenter.trainable_parameters(), images, labels,
-        checkpointed_blocks=swin_blocks(model.backbone.model))
+        checkpointed_blocks=checkpointed_modules(model))
     soft_model = expert_model(factory, rank, k_many)
     soft_parameters = soft_model.train_only("m0")
     cases[f"experts_soft_k{k_many}"] = TrainCase(

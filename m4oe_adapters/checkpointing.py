@@ -38,6 +38,16 @@ def swin_blocks(module: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def checkpointed_modules(model) -> list[nn.Module]:
+    """What :func:`set_gradient_checkpointing` wraps in a :class:`~m4oe_adapters.model.SegmentationModel`: every
+    Swin block, every patch-merging layer (``downsample``) and every modality's decoder (which, upsampling to the
+    input's size, holds most of what a training step saves once the blocks are checkpointed)."""
+    backbone = model.backbone.model
+    merging = [child for name, child in backbone.named_modules()
+               if name.rsplit(".", 1)[-1] == "downsample" and child is not None and not isinstance(child, nn.Identity)]
+    return swin_blocks(backbone) + merging + list(model.decoders.values())
+
+
 def _snapshot(state: RoutingState) -> RoutingState:
     """The routing decision as it is now, with fresh record lists and no router-key updates (for recomputation)."""
     return dataclasses.replace(state, aux_losses=[], gate_losses=[], gate_weights={}, update_keys=False)
@@ -68,18 +78,20 @@ def _checkpointed_forward(original, state: RoutingState):
 
 
 def set_gradient_checkpointing(model, enabled: bool = True) -> int:
-    """Turn gradient checkpointing of ``model``'s backbone blocks on or off; returns the number of blocks.
+    """Turn gradient checkpointing of ``model``'s backbone blocks, patch-merging layers and decoders on or off;
+    returns how many modules are wrapped (:func:`checkpointed_modules`; a modality added afterwards is not: call
+    this again).
 
     Args:
         model: a :class:`~m4oe_adapters.model.SegmentationModel` (any routing mode, merged or not, any family).
         enabled: ``False`` restores the blocks' own ``forward``.
 
-    Memory: a training step then keeps each block's input instead of every activation inside the block, at the
-    cost of running each block's forward twice (``m4oe bench`` measures both).
+    Memory: a training step then keeps each wrapped module's input instead of every activation inside it, at the
+    cost of running its forward twice (``m4oe bench`` measures both).
     """
-    blocks = swin_blocks(model.backbone.model)
-    if not blocks:
+    if not swin_blocks(model.backbone.model):
         raise ConfigError(f"{model.backbone.family}:{model.backbone.name}: no Swin 'blocks' found to checkpoint")
+    blocks = checkpointed_modules(model)
     for block in blocks:
         if getattr(block, _MARK, False):
             del block.forward  # the instance attribute; the class's forward shows through again
@@ -90,4 +102,4 @@ def set_gradient_checkpointing(model, enabled: bool = True) -> int:
     return len(blocks)
 
 
-__all__ = ["set_gradient_checkpointing", "swin_blocks"]
+__all__ = ["checkpointed_modules", "set_gradient_checkpointing", "swin_blocks"]

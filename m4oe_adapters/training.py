@@ -7,6 +7,7 @@ is seeded from ``(seed, e, index)``. A checkpoint therefore only needs the step,
 """
 from __future__ import annotations
 
+import collections
 import csv
 import math
 import os
@@ -47,6 +48,11 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``; ``None`` trains where the segmenter already is.
         gradient_checkpointing: recompute each backbone block during backward instead of keeping its activations
             (modes ``experts`` and ``decoder``; see :mod:`~m4oe_adapters.checkpointing`).
+        prefetch: batches read and augmented ahead by one background thread while the current step runs (0: read
+            each batch when it is needed). The batches are identical either way (each item is seeded by its own
+            ``(seed, epoch, index)``), and so is a resumed run; the training dataset must not be read elsewhere
+            meanwhile (it is not: validation has its own). Helps where reading images is a sizeable part of a step
+            (large images, fast accelerator); on a busy CPU the thread competes with the model for cores.
         max_minutes: stop after this much wall time (a stated CPU budget; ``None``: no limit). A run stopped by it
             is not repeatable step for step; ``stopped_early`` is set.
     """
@@ -65,6 +71,7 @@ class TrainConfig:
     device: str | None = None
     gradient_checkpointing: bool = False
     max_minutes: float | None = None
+    prefetch: int = 0
 
 
 @dataclass
@@ -117,6 +124,60 @@ class EpochSampler:
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class BatchLoader:
+    """Training batches in the sampler's order, optionally read ``prefetch`` batches ahead in one background thread.
+
+    :meth:`state` is the sampler state after the batches already handed out (not after those read ahead), so a
+    checkpoint taken between steps resumes exactly where the run was. On CUDA the batches come in pinned memory, so
+    the copy to the GPU (``non_blocking``) overlaps the computation.
+    """
+
+    def __init__(self, dataset, sampler: EpochSampler, batch_size: int, seed: int, prefetch: int = 0,
+                 pin: bool = False) -> None:
+        self.dataset, self.sampler, self.batch_size, self.seed = dataset, sampler, batch_size, seed
+        self.prefetch, self.pin = max(0, int(prefetch)), pin
+        self.consumed = sampler.state()
+        self.pending: collections.deque = collections.deque()
+        self.pool = None
+        if self.prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m4oe-batches")
+
+    def _read(self, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+        batch = collate([fetch(self.dataset, index, sample_seed(self.seed, epoch, index)) for epoch, index in pairs])
+        if self.pin:
+            batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
+        return batch
+
+    def _plan(self) -> None:
+        pairs = self.sampler.take(self.batch_size)
+        after = self.sampler.state()
+        work = self.pool.submit(self._read, pairs) if self.pool is not None else pairs
+        self.pending.append((work, after))
+
+    def next(self) -> dict[str, Any]:
+        while len(self.pending) < max(1, self.prefetch):
+            self._plan()
+        work, after = self.pending.popleft()
+        batch = work.result() if self.pool is not None else self._read(work)
+        self.consumed = after
+        if self.pool is not None:
+            self._plan()  # keep reading ahead while the caller computes
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return dict(self.consumed)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for work, _ in self.pending:
+                work.cancel()
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.pending.clear()
 
 
 def fetch(dataset, index: int, seed: int) -> dict[str, Any]:
@@ -318,58 +379,60 @@ def train(
     segmenter.train()
     segmenter.set_training_behaviour(True)
     last_dice = float("nan")
-    while step < config.steps:
-        items = [fetch(train_dataset, index, sample_seed(config.seed, epoch, index))
-                 for epoch, index in sampler.take(config.batch_size)]
-        batch = collate(items)
-        images, labels = batch["image"], batch["label"]
-        if device.type == "cuda":  # pinned pages copy to the GPU asynchronously
-            images, labels = images.pin_memory(), labels.pin_memory()
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, config.precision):
-            logits = model(images)
-        loss = loss_function(logits.float(), labels)  # the loss in fp32 (softmax and log of small probabilities)
-        if not torch.isfinite(loss):
-            raise DataError(f"training loss became {loss.item()} at step {step}; check the images ({batch['path']})")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # fp16: the scaled loss; otherwise unchanged
-        scaler.step(optimizer)  # skips the step if the scaled gradients overflowed
-        scaler.update()
-        scheduler.step()
-        step += 1
-        row = {"step": step, "loss": float(loss.item()), "lr": scheduler.get_last_lr()[0],
-               "seconds": time.perf_counter() - started}
-        validate = config.val_every and step % config.val_every == 0 or step == config.steps
-        if validate and val_dataset is not None and len(val_dataset) > 0:
-            segmenter.set_training_behaviour(False)
-            last_dice = validation_dice(segmenter, val_dataset, num_classes, config.batch_size, config.precision)
-            segmenter.set_training_behaviour(True)
-            row["val_dice"] = last_dice
-            if last_dice > best:
-                best, best_step, best_state = last_dice, step, segmenter.checkpoint_state()
-                validations_without_gain = 0
-            else:
-                validations_without_gain += 1
-        if step % config.log_every == 0 or "val_dice" in row or step == config.steps:
-            history.append(row)
-        if bar is not None:
-            bar.update(1)
-            postfix = {"loss": f"{row['loss']:.3f}"}
-            if not math.isnan(last_dice):  # no validation yet: no Dice to show (was "dice=nan")
-                postfix["dice"] = f"{last_dice:.3f}"
-            bar.set_postfix(postfix)
-        if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0 and rank == 0:
-            save_checkpoint(
-                checkpoint_path, segmenter, optimizer, scheduler, sampler, step, best, best_state, history, scaler
-            )
-        if on_step is not None:
-            on_step(step, row)
-        if config.patience is not None and validations_without_gain >= config.patience:
-            stopped_early = True
-            break
-        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
-            stopped_early = True
-            break
+    loader = BatchLoader(train_dataset, sampler, config.batch_size, config.seed, config.prefetch,
+                         pin=device.type == "cuda")  # pinned pages copy to the GPU asynchronously
+    try:
+        while step < config.steps:
+            batch = loader.next()
+            images, labels = batch["image"], batch["label"]
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, config.precision):
+                logits = model(images)
+            loss = loss_function(logits.float(), labels)  # the loss in fp32 (softmax and log of small probabilities)
+            if not torch.isfinite(loss):
+                raise DataError(f"training loss became {loss.item()} at step {step}; check the images "
+                                f"({batch['path']})")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # fp16: the scaled loss; otherwise unchanged
+            scaler.step(optimizer)  # skips the step if the scaled gradients overflowed
+            scaler.update()
+            scheduler.step()
+            step += 1
+            row = {"step": step, "loss": float(loss.item()), "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - started}
+            validate = config.val_every and step % config.val_every == 0 or step == config.steps
+            if validate and val_dataset is not None and len(val_dataset) > 0:
+                segmenter.set_training_behaviour(False)
+                last_dice = validation_dice(segmenter, val_dataset, num_classes, config.batch_size, config.precision)
+                segmenter.set_training_behaviour(True)
+                row["val_dice"] = last_dice
+                if last_dice > best:
+                    best, best_step, best_state = last_dice, step, segmenter.checkpoint_state()
+                    validations_without_gain = 0
+                else:
+                    validations_without_gain += 1
+            if step % config.log_every == 0 or "val_dice" in row or step == config.steps:
+                history.append(row)
+            if bar is not None:
+                bar.update(1)
+                postfix = {"loss": f"{row['loss']:.3f}"}
+                if not math.isnan(last_dice):  # no validation yet: no Dice to show (was "dice=nan")
+                    postfix["dice"] = f"{last_dice:.3f}"
+                bar.set_postfix(postfix)
+            if checkpoint_path and config.checkpoint_every and step % config.checkpoint_every == 0 and rank == 0:
+                save_checkpoint(
+                    checkpoint_path, segmenter, optimizer, scheduler, loader, step, best, best_state, history, scaler
+                )
+            if on_step is not None:
+                on_step(step, row)
+            if config.patience is not None and validations_without_gain >= config.patience:
+                stopped_early = True
+                break
+            if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
+                stopped_early = True
+                break
+    finally:
+        loader.close()
     if bar is not None:
         bar.close()
     segmenter.set_training_behaviour(False)

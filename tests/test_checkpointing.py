@@ -10,6 +10,7 @@ from m4oe_adapters import set_gradient_checkpointing
 
 from families import FAMILIES, family_model
 
+MERGING = {"timm": 3, "transformers": 3, "monai": 4}
 CASES = {
     "hard": dict(modality="CT"),
     "mixed_batch": dict(modality=["CT", "MRI"]),
@@ -28,7 +29,9 @@ def one_step(family: str, case: str, checkpointing: bool):
     layer = next(iter(model.expert_layers.values()))
     layer.register_forward_hook(lambda *_: forwards.append(1))
     if checkpointing:
-        assert set_gradient_checkpointing(model) == 5  # five Swin blocks in each tiny backbone
+        # five Swin blocks in each tiny backbone, its patch-merging layers (MONAI merges after the last stage too)
+        # and the two modalities' decoders
+        assert set_gradient_checkpointing(model) == 5 + MERGING[family] + 2
     model.train()
     model.routing.collect_aux = True
     model.routing.update_keys = case == "hard"  # hard-routing training moves router keys (once per forward)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from m4oe_adapters.cli import main
+from m4oe_adapters.runtime import available_devices
 
 TINY = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "none", "--in-chans", "1",
         "--model-args", '{"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}']
@@ -74,6 +75,20 @@ def test_predict_writes_masks_of_the_same_size_and_overlays(adapter, sites, tmp_
     assert len(masks) == 4 and len(list(out.glob("*_overlay.png"))) == 4
     source = Image.open(sites / "B" / "images" / masks[0].name.replace("_mask", ""))
     assert Image.open(masks[0]).size == source.size
+
+
+@pytest.mark.parametrize("device", available_devices())
+def test_predict_on_each_device_and_in_bf16_gives_the_fp32_masks(adapter, sites, tmp_path, device):
+    """`m4oe predict --device D --precision bf16`: the model runs there, the masks come back to the input's grid and
+    agree with the fp32 CPU masks on nearly every pixel (bf16 keeps 8 bits of mantissa: a pixel near 0.5 may flip)."""
+    reference, other = tmp_path / "fp32", tmp_path / device
+    assert main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out", str(reference),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out", str(other),
+                 "--device", device, "--precision", "bf16", "--no-progress"]) == 0
+    for mask in sorted(reference.glob("*_mask.png")):
+        expected, got = np.asarray(Image.open(mask)), np.asarray(Image.open(other / mask.name))
+        assert got.shape == expected.shape and (got == expected).mean() > 0.98, mask.name
 
 
 def test_predict_a_nifti_volume_keeps_its_affine(adapter, tmp_path):

@@ -86,6 +86,35 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") > 2
 
 
+def test_reading_batches_ahead_in_a_thread_trains_the_same_weights_and_resumes_exactly(tmp_path):
+    """--prefetch: the same batches as reading each when needed, and a checkpoint records the batches consumed, not
+    those read ahead (a run killed with 3 batches read ahead resumes to the weights of an uninterrupted run)."""
+    base = dict(steps=10, batch_size=2, seed=1, checkpoint_every=4, val_every=3, warmup=2)
+    straight = segmenter("experts")
+    train(straight, Discs(6, 0), Discs(2, 1), 2, TrainConfig(**base), out_dir=tmp_path / "a", progress=False)
+    ahead = segmenter("experts")
+    train(ahead, Discs(6, 0), Discs(2, 1), 2, TrainConfig(**base, prefetch=3), out_dir=tmp_path / "c",
+          progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_6(step, row):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(segmenter("experts"), Discs(6, 0), Discs(2, 1), 2, TrainConfig(**base, prefetch=3),
+              out_dir=tmp_path / "b", progress=False, on_step=kill_after_step_6)
+    resumed = segmenter("experts", seed=99)
+    train(resumed, Discs(6, 0), Discs(2, 1), 2, TrainConfig(**base, prefetch=3), out_dir=tmp_path / "b",
+          resume=True, progress=False)
+    a = straight.checkpoint_state()
+    for other in (ahead.checkpoint_state(), resumed.checkpoint_state()):
+        for key in a:
+            assert torch.equal(a[key], other[key]), key
+
+
 def test_training_an_adapter_leaves_the_backbone_bytes_unchanged():
     model = segmenter("experts")
     fingerprint = model.model.backbone.fingerprint()

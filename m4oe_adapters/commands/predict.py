@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_backbone_arguments, add_threads_argument, apply_threads, load_backbone_from_args
+from .common import (add_backbone_arguments, add_runtime_arguments, add_threads_argument, apply_threads,
+                     load_backbone_from_args, runtime_from_args)
 
 
 def register(subparsers) -> None:
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
                         "axis in the header, else the shortest axis)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar over files and windows")
     add_threads_argument(parser)
+    add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..segmenter_file import SingleModalityModel, load_segmenter
 
     apply_threads(args)
+    device, precision = runtime_from_args(args)
     first, *rest = args.adapter
     backbone = load_backbone_from_args(args) if args.backbone else None
     loaded = load_segmenter(first, args.weights, backbone=backbone)
@@ -51,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         model = loaded.model
     for path in rest:
         load_adapter(model, path)
+    model.eval().to(device)
     results = predict_files(model, args.inputs, args.out, modality=args.modality, overlays=args.overlay,
                             slice_axis=args.slice_axis, min_confidence=args.min_confidence, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, device=device, precision=precision)
     failed = [r for r in results if r.error]
     for result in results:
         if result.error:

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute backbone blocks during backward: less memory, about one more forward pass")
+    parser.add_argument("--prefetch", type=int, default=0,
+                        help="batches read and augmented ahead in a background thread while a step runs (same batches; "
+                             "helps on a GPU or with large images; 0: read each batch when needed)")
     add_threads_argument(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
@@ -76,6 +79,8 @@ MODE_FLAGS = {
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
+    if args.prefetch < 0:
+        raise ConfigError(f"--prefetch must be 0 or more, got {args.prefetch}")
     for flag, (dest, modes) in MODE_FLAGS.items():
         if getattr(args, dest) is not None and args.mode not in modes:
             raise ConfigError(f"{flag} does not apply to --mode {args.mode} (only to {', '.join(modes)}); drop it")
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch, lr=args.lr, val_every=args.val_every, patience=args.patience,
         seed=args.seed, checkpoint_every=args.checkpoint_every, precision=precision, device=str(device),
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, prefetch=args.prefetch,
     )
     labels = comma_list(args.labels)
     fit = fit_modality(
