@@ -22,6 +22,8 @@ from .expert_kernels import low_rank_linear, per_sample_low_rank_linear
 from .routing import RoutingState, gate_probabilities, load_balancing_loss, rows_per_sample
 
 
+STACK_CACHE_SIZE = 16  # expert stacks cached per layer (one per distinct modality set of a mixed batch)
+
 class ModalityExpertLinear(nn.Module):
     """A frozen linear layer with per-modality low-rank experts.
 
@@ -108,7 +110,8 @@ class ModalityExpertLinear(nn.Module):
         Without autograd (inference) the stacks are cached until an expert is replaced, changed in place or moved
         (the key holds each parameter's identity, version counter, storage address, dtype and device: ``.to()``,
         ``.double()`` and ``.cuda()`` swap ``param.data`` without touching the version counter), so serving a mixed
-        batch copies nothing.
+        batch copies nothing. One stack is cached per distinct modality set, the ``STACK_CACHE_SIZE`` most recently
+        used: with many adapters and random traffic the sets are unbounded, the memory must not be.
         """
         missing = [name for name in names if name not in self.lora_A]
         if missing:
@@ -120,12 +123,15 @@ class ModalityExpertLinear(nn.Module):
         )
         if cacheable:
             key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in parameters)
-            cached = self._stack_cache.get(names)
+            cached = self._stack_cache.pop(names, None)
             if cached is not None and cached[0] == key:
+                self._stack_cache[names] = cached  # most recently used last
                 return cached[1], cached[2]
         lora_a = torch.stack(parameters[: len(names)])
         lora_b = torch.stack(parameters[len(names) :])
         if cacheable:
+            while len(self._stack_cache) >= STACK_CACHE_SIZE:
+                del self._stack_cache[next(iter(self._stack_cache))]  # least recently used
             self._stack_cache[names] = (key, lora_a.detach(), lora_b.detach())
         return lora_a, lora_b
 

@@ -267,6 +267,32 @@ def test_cached_expert_stacks_follow_in_place_updates(model):
     torch.testing.assert_close(after[1, :3], alone[0], atol=1e-5, rtol=0)
 
 
+def test_mixed_batches_of_ever_new_modality_sets_keep_a_bounded_cache_and_exact_results():
+    """Serving many adapters sends batches of ever new modality sets: each layer keeps at most STACK_CACHE_SIZE
+    stacks (least recently used dropped), and a set whose stack was dropped still gives the same output."""
+    from itertools import combinations
+
+    from m4oe_adapters.experts import STACK_CACHE_SIZE
+
+    model = SegmentationModel(tiny_backbone(), ExpertConfig(rank=2))
+    names = [f"m{index}" for index in range(7)]
+    for index, name in enumerate(names):
+        model.add_modality(name, 2, seed=index)
+        with torch.no_grad():
+            for layer in model.expert_layers.values():
+                layer.lora_B[name].normal_(0, 0.1)
+    x = torch.randn(3, 1, 64, 64)
+    sets = list(combinations(names, 3))  # 35 distinct sets, more than the cache holds
+    with torch.no_grad():
+        first = model(x, list(sets[0]))
+        for chosen in sets[1:]:
+            model(x, list(chosen))
+        sizes = {len(layer._stack_cache) for layer in model.expert_layers.values()}
+        again = model(x, list(sets[0]))  # dropped from the cache long ago: stacked afresh
+    assert len(sets) > STACK_CACHE_SIZE and sizes == {STACK_CACHE_SIZE}
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["timm", "transformers", "monai"])
 def test_mixed_modality_batch_equals_each_sample_alone_on_every_family(family):
     from families import family_model

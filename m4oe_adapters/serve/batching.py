@@ -26,7 +26,6 @@ import torch
 from ..errors import M4oEError
 from ..model import SegmentationModel
 
-STACK_CACHE_LIMIT = 16  # cached expert stacks kept per layer (one per distinct modality set of a batch)
 
 
 @dataclass
@@ -170,7 +169,6 @@ class MicroBatcher:
             with self.lock, torch.no_grad():
                 logits = self.model(tiles, names, routing="hard")
                 classes = [self.model.modalities[group.slot].num_classes for group in batch]
-                _bound_stack_caches(self.model)
             logits = logits.float().cpu()
         except BaseException as error:  # every waiting request gets the error, the worker goes on
             for group in batch:
@@ -185,11 +183,3 @@ class MicroBatcher:
             self._on_batch(BatchStats(len(names), len(batch), len({g.slot for g in batch}),
                                       time.perf_counter() - start))
 
-
-def _bound_stack_caches(model: SegmentationModel, limit: int = STACK_CACHE_LIMIT) -> None:
-    """Each expert layer caches the stacked experts of every modality *set* it has seen in a mixed batch; with many
-    adapters and random traffic the sets are unbounded, so a layer whose cache grew past ``limit`` starts afresh."""
-    for layer in model.expert_layers.values():
-        cache = getattr(layer, "_stack_cache", None)
-        if cache is not None and len(cache) > limit:
-            cache.clear()
