@@ -660,7 +660,7 @@ def check_signature(metadata: dict[str, Any], tensors, signature_keys: set[str],
 
 def load_adapter(
     model: SegmentationModel, path: str | Path | bytes, *, replace: bool = False, force: bool = False,
-    name: str | None = None,
+    name: str | None = None, keep_dtype: bool = False,
 ) -> ModalityInfo:
     """Add the modality stored in ``path`` (or the file's bytes) to ``model`` (experts, router keys, decoder,
     head, labels, preset). A refused file leaves the model as it was.
@@ -668,6 +668,8 @@ def load_adapter(
     Args:
         replace: if the modality is already loaded, replace it (otherwise refuse).
         force: accept a backbone with another fingerprint but the same architecture (shapes are still checked).
+        keep_dtype: store the experts and decoder in the file's dtype (fp16/bf16 files: half the memory, the same
+            outputs: they are cast to the backbone's dtype at use); for serving, not for training.
 
     Returns: the new modality's :class:`ModalityInfo`.
     """
@@ -683,7 +685,7 @@ def load_adapter(
             raise ConfigError(f"{path}: modality {name!r} is already loaded; pass replace=True to swap it")
         # Kept until the new one is in place, so even a failure after this point leaves the model as it was.
         previous = (model.modalities[name], {k: t.detach().clone() for k, t in model.modality_tensors(name).items()},
-                    model.signatures.get(name))
+                    model.signatures.get(name), next(model.decoders[name].parameters()).dtype)
         model.remove_modality(name)
     try:
         info = model.add_modality(
@@ -692,6 +694,7 @@ def load_adapter(
             metadata["label_names"],
             preset=metadata["preset"],
             input_size=metadata["input_size"],
+            dtype=DTYPES[metadata["dtype"]] if keep_dtype else None,
         )
         try:
             model.set_modality_tensors(name, tensors)
@@ -700,8 +703,8 @@ def load_adapter(
             raise
     except BaseException:
         if previous is not None:
-            old_info, old_tensors, old_signature = previous
-            model.add_modality(name, old_info.num_classes, old_info.label_names)
+            old_info, old_tensors, old_signature, old_dtype = previous
+            model.add_modality(name, old_info.num_classes, old_info.label_names, dtype=old_dtype)
             model.set_modality_tensors(name, old_tensors)
             model.modalities[name] = old_info
             model.set_signature(name, old_signature)

@@ -22,7 +22,7 @@ from .expert_kernels import low_rank_linear, per_sample_low_rank_linear
 from .routing import RoutingState, gate_probabilities, load_balancing_loss, rows_per_sample
 
 
-STACK_CACHE_SIZE = 16  # expert stacks cached per layer (one per distinct modality set of a mixed batch)
+STACK_CACHE_SIZE = 4  # expert stacks cached per layer (one per distinct modality set of a mixed batch)
 
 class ModalityExpertLinear(nn.Module):
     """A frozen linear layer with per-modality low-rank experts.
@@ -74,18 +74,20 @@ class ModalityExpertLinear(nn.Module):
         return self.base_layer.bias
 
     # ----------------------------------------------------------------------------------------------- experts
-    def add_expert(self, modality: str, init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    def add_expert(self, modality: str, init_std: float = 0.02, generator: torch.Generator | None = None,
+                   dtype: torch.dtype | None = None) -> None:
         """Create modality ``modality``'s expert: ``A ~ N(0, init_std²)``, ``B = 0``, a random unit router key
-        (replaced by the mean normalised token once the expert trains)."""
+        (replaced by the mean normalised token once the expert trains). ``dtype``: how ``A`` and ``B`` are stored
+        (default: the layer's); a narrower one (fp16 for serving many adapters) is cast to the layer's at use."""
         if modality in self.lora_A:
             raise ConfigError(f"layer {self.layer_name} already has an expert for modality {modality!r}")
         weight = self.base_layer.weight
         # The experts' dtype is the layer's (fp32 unless the model was moved with .double()/.half()); drawn on the
         # CPU (a CPU generator cannot draw on a GPU), so a seed gives the same expert on every device.
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        factory = dict(device=weight.device, dtype=dtype)
+        compute = weight.dtype if weight.is_floating_point() else torch.float32
+        factory = dict(device=weight.device, dtype=dtype or compute)
         lora_a = (torch.randn(self.rank, self.in_features, generator=generator) * init_std).to(**factory)
-        key = torch.randn(self.in_features, generator=generator).to(**factory)
+        key = torch.randn(self.in_features, generator=generator).to(device=weight.device, dtype=compute)
         self.lora_A[modality] = nn.Parameter(lora_a)
         self.lora_B[modality] = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
         self.router_key[modality] = nn.Parameter(key / key.norm())
@@ -161,14 +163,15 @@ class ModalityExpertLinear(nn.Module):
                 raise ConfigError(f"layer {self.layer_name} has no expert for modality {name!r}")
             if state.update_keys and self.training:
                 self._update_router_key(name, x, state.key_momentum)
-            return low_rank_linear(x, weight, bias, self.lora_A[name], self.lora_B[name], self.scaling)
+            lora_a, lora_b = _as(weight, self.lora_A[name], self.lora_B[name])
+            return low_rank_linear(x, weight, bias, lora_a, lora_b, self.scaling)
         # Mixed batch: each sample's rows use its own expert, gathered from the stack; one bmm per factor.
         lora_a, lora_b = self._stack(names)
         batch = state.batch_size
         rows_per_sample(x.shape[0], batch, self.layer_name)  # validates the sample-major layout
         per_sample = x.reshape(batch, -1, self.in_features)  # [B, rows * tokens, in]
-        sample_a = lora_a.index_select(0, state.sample_expert)  # [B, r, in]
-        sample_b = lora_b.index_select(0, state.sample_expert)  # [B, out, r]
+        sample_a, sample_b = _as(weight, lora_a.index_select(0, state.sample_expert),  # [B, r, in]
+                                 lora_b.index_select(0, state.sample_expert))  # [B, out, r]
         if state.update_keys and self.training:  # each expert's key learns from its own samples' tokens
             for slot, name in enumerate(names):
                 self._update_router_key(name, per_sample[state.sample_expert == slot], state.key_momentum)
@@ -177,7 +180,7 @@ class ModalityExpertLinear(nn.Module):
 
     def _soft_delta(self, x: torch.Tensor, state: RoutingState) -> torch.Tensor:
         names = state.expert_names
-        lora_a, lora_b = self._stack(names)
+        lora_a, lora_b = _as(self.base_layer.weight, *self._stack(names))
         num_experts = len(names)
         keys = torch.stack([self.router_key[name] for name in names])  # [E, in]
         # The gate in fp32 even under autocast: logits are distances / temperature (0.05), and bf16's 3 significant
@@ -223,7 +226,8 @@ class ModalityExpertLinear(nn.Module):
     # ------------------------------------------------------------------------------------------ merge/unmerge
     def delta_weight(self, modality: str) -> torch.Tensor:
         """``s · B A`` of one expert, ``[out, in]`` (the update merged into ``W``)."""
-        return (self.lora_B[modality] @ self.lora_A[modality]) * self.scaling
+        lora_a, lora_b = _as(self.base_layer.weight, self.lora_A[modality], self.lora_B[modality])
+        return (lora_b @ lora_a) * self.scaling
 
     @torch.no_grad()
     def merge(self, modality: str) -> None:
@@ -249,6 +253,11 @@ class ModalityExpertLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
             f"experts={self.modalities}"
         )
+
+
+def _as(weight: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Experts stored narrower than the layer (fp16 adapters kept as fp16 in memory) in the layer's dtype."""
+    return tuple(t if t.dtype == weight.dtype else t.to(weight.dtype) for t in tensors)
 
 
 def expert_parameter_count(in_features: int, out_features: int, rank: int) -> int:

@@ -103,8 +103,14 @@ class SegmentationModel(nn.Module):
         preset: dict[str, Any] | None = None,
         input_size: Sequence[int] = (224, 224),
         seed: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> ModalityInfo:
-        """Create a new, untrained modality: identity experts (``B = 0``) and a fresh decoder + head."""
+        """Create a new, untrained modality: identity experts (``B = 0``) and a fresh decoder + head.
+
+        ``dtype``: how its experts and decoder are stored (default: the backbone's). A narrower one (``float16``,
+        as :func:`~m4oe_adapters.adapter_file.load_adapter` ``keep_dtype=True`` uses for fp16 files) halves the
+        memory of a served adapter; it is cast to the backbone's dtype at use, so the outputs equal those of the
+        same values stored wide. Such a modality is for inference: :meth:`train_only` refuses it."""
         check_modality_name(name)
         if name in self.modalities:
             raise ConfigError(f"modality {name!r} is already loaded; remove_modality({name!r}) first")
@@ -117,12 +123,12 @@ class SegmentationModel(nn.Module):
             raise ConfigError(f"{len(labels)} label names given for {num_classes} classes")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for layer in self.expert_layers.values():
-            layer.add_expert(name, self.expert_config.init_std, generator)
+            layer.add_expert(name, self.expert_config.init_std, generator, dtype=dtype)
         weight = next(self.backbone.parameters())  # the model's device and dtype (after .to()/.double())
         with torch.random.fork_rng(devices=[]):  # a seeded decoder must not reseed the caller's RNG
             if seed is not None:
                 torch.manual_seed(seed)
-            self.decoders[name] = self._new_decoder(num_classes).to(device=weight.device, dtype=weight.dtype)
+            self.decoders[name] = self._new_decoder(num_classes).to(device=weight.device, dtype=dtype or weight.dtype)
         info = ModalityInfo(name, num_classes, labels, dict(preset or {}), [int(s) for s in input_size])
         self.modalities[name] = info
         if self.active_modality is None:
@@ -238,6 +244,11 @@ class SegmentationModel(nn.Module):
     def train_only(self, name: str) -> list[nn.Parameter]:
         """Freeze everything except modality ``name``'s parameters, which are returned for the optimiser."""
         self._require(name)
+        wide = next(self.backbone.parameters()).dtype
+        narrow = {p.dtype for p in self.modality_parameters(name)} - {wide}
+        if narrow:
+            raise ConfigError(f"modality {name!r} is stored in {sorted(map(str, narrow))[0]} for inference (loaded "
+                              "with keep_dtype=True); load it without keep_dtype to train it")
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         parameters = self.modality_parameters(name)
@@ -383,10 +394,22 @@ class SegmentationModel(nn.Module):
             return None
         return torch.stack(list(self.routing.gate_weights.values())).mean(dim=0)
 
+    def _run_decoder(self, name: str, features: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Modality ``name``'s decoder; one stored narrower than the backbone runs on a transient wide copy of its
+        parameters (the stored ones are not touched)."""
+        decoder = self.decoders[name]
+        wide = next(self.backbone.parameters()).dtype
+        stored = next(decoder.parameters()).dtype
+        if stored == wide:
+            return decoder(features, images)
+        state = {key: value.to(wide) if value.is_floating_point() else value
+                 for key, value in [*decoder.named_parameters(), *decoder.named_buffers()]}
+        return torch.func.functional_call(decoder, state, (features, images))
+
     def _decode(self, features: list[torch.Tensor], images: torch.Tensor, names: list[str]) -> torch.Tensor:
         distinct = list(dict.fromkeys(names))
         if len(distinct) == 1:
-            return self.decoders[distinct[0]](features, images)
+            return self._run_decoder(distinct[0], features, images)
         # Mixed batch: each modality's decoder runs once on its own samples.
         max_classes = max(self.modalities[name].num_classes for name in distinct)
         height, width = images.shape[-2:]
@@ -394,7 +417,7 @@ class SegmentationModel(nn.Module):
         for name in distinct:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=images.device)
             subset = [feature.index_select(0, index) for feature in features]
-            output = self.decoders[name](subset, images.index_select(0, index))
+            output = self._run_decoder(name, subset, images.index_select(0, index))
             if logits is None:
                 logits = output.new_full((images.shape[0], max_classes, height, width), float("-inf"))
             logits[index, : output.shape[1]] = output.to(logits.dtype)

@@ -11,6 +11,7 @@ import torch
 from m4oe_adapters import (
     AdapterFormatError,
     BackboneMismatchError,
+    ConfigError,
     ExpertConfig,
     SegmentationModel,
     inspect_adapter,
@@ -68,6 +69,35 @@ def test_half_precision_files_are_half_the_size_and_load(model, tmp_path):
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, "CT"), model(x, "CT"), atol=1e-2, rtol=1e-2)
+
+
+def test_fp16_adapters_kept_in_fp16_take_half_the_memory_and_give_identical_outputs(model, tmp_path):
+    """load_adapter(keep_dtype=True): experts and decoder stay fp16 in memory and are cast to fp32 at use, so every
+    routing mode gives exactly what the same fp16 file widened to fp32 at load gives; training it is refused."""
+    files = []
+    for name in ("CT", "MRI"):
+        files.append(save_adapter(model, name, tmp_path / f"{name}.safetensors", dtype="fp16"))
+    wide, narrow = tiny_model(modalities=()), tiny_model(modalities=())
+    for path in files:
+        load_adapter(wide, path)
+        load_adapter(narrow, path, keep_dtype=True)
+
+    def stored_bytes(target):
+        return sum(t.numel() * t.element_size() for name in ("CT", "MRI")
+                   for key, t in target.modality_tensors(name).items() if "router_key" not in key)
+
+    assert stored_bytes(narrow) * 2 == stored_bytes(wide)
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        for case in (dict(modality="CT"), dict(modality=["CT", "MRI", "CT"]),
+                     dict(modality=["CT", "MRI", "MRI"], routing="soft")):
+            assert torch.equal(narrow(x, **case), wide(x, **case)), case
+        wide.merge("MRI"), narrow.merge("MRI")
+        assert torch.equal(narrow(x, "MRI"), wide(x, "MRI"))
+        narrow.unmerge()
+    assert next(narrow.decoders["CT"].parameters()).dtype == torch.float16  # untouched by the forwards
+    with pytest.raises(ConfigError, match="keep_dtype"):
+        narrow.train_only("CT")
 
 
 def test_model_from_adapter_rebuilds_backbone_and_config(model, tmp_path, timm_checkpoint):

@@ -383,3 +383,31 @@ def test_the_service_segments_on_every_available_device(reference, device):
             assert (result.masks[0] == expected).mean() > 0.99  # float rounding may differ on another device
     finally:
         service.close()
+
+
+def test_fp16_adapter_files_are_held_in_fp16_and_give_the_masks_of_fp32_holding(tmp_path):
+    """ServeSettings.keep_dtype (the default): an fp16 file stays fp16 in memory (half of fp32) and the masks equal
+    those of a service that widens it to fp32 on load."""
+    import torch
+
+    from m4oe_adapters import save_adapter
+
+    from serve_support import empty_service
+
+    model = random_adapters({"CT": 2, "MRI": 3})
+    files = {name: save_adapter(model, name, tmp_path / f"{name}.safetensors", dtype="fp16").read_bytes()
+             for name in ("CT", "MRI")}
+    narrow, wide = empty_service(), empty_service(keep_dtype=False)
+    try:
+        for service in (narrow, wide):
+            for name, data in files.items():
+                service.add_adapter(data, source=f"{name}.safetensors")
+        held = {service: {p.dtype for name in ("CT", "MRI") for p in service.model.decoders[name].parameters()}
+                for service in (narrow, wide)}
+        assert held[narrow] == {torch.float16} and held[wide] == {torch.float32}
+        png, _ = random_png(70, 66, seed=3)
+        for name in files:
+            ours, widened = narrow.segment(png, modality=name), wide.segment(png, modality=name)
+            assert np.array_equal(ours.masks[0], widened.masks[0])
+    finally:
+        narrow.close(), wide.close()

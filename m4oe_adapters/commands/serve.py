@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (MiB)")
     parser.add_argument("--max-megapixels", type=float, default=50.0, help="most pixels per upload (millions)")
     parser.add_argument("--max-in-flight", type=int, default=64, help="segment requests at once (more get 503)")
+    parser.add_argument("--widen-adapters", action="store_true",
+                        help="hold fp16 adapter files in fp32 (default: in their own dtype, half the memory, the same "
+                             "masks)")
     parser.add_argument("--tokens", default=None,
                         help='JSON file {"predict": ..., "admin": ...} (default: $M4OE_SERVE_TOKEN and '
                              "$M4OE_SERVE_ADMIN_TOKEN, else generated and printed once)")
@@ -37,7 +40,8 @@ def settings_from(args: argparse.Namespace):
 
     return ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
-                         max_in_flight=args.max_in_flight, device=args.device)
+                         max_in_flight=args.max_in_flight, device=args.device,
+                         keep_dtype=not args.widen_adapters)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from .app import Tokens, create_app
 from .service import ServeSettings, Service
 
 TILE = 224
+SERVING_BATCHES = 12  # mixed batches of 8 random modalities run before memory is measured again
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -262,6 +263,15 @@ def memory_probe(zoo: str, folder: str) -> dict[str, Any]:
         version = service.add_adapter(path.read_bytes(), source=path.name)
         seconds.append(version.load_seconds)
     after = settle()
+    # Then serve: mixed batches of random modality sets, as traffic would (each expert layer caches the stacks of
+    # its recent modality sets), and measure again.
+    rng = np.random.default_rng(0)
+    names = service.registry.names()
+    with torch.no_grad():
+        for _ in range(SERVING_BATCHES):
+            chosen = [service.registry.get(name).slot for name in rng.choice(names, size=8)]
+            model(torch.zeros(len(chosen), model.backbone.in_chans, TILE, TILE), chosen, routing="hard")
+    serving = settle()
     total_bytes = sum(path.stat().st_size for path in files)
     service.close()
     return {
@@ -269,6 +279,9 @@ def memory_probe(zoo: str, folder: str) -> dict[str, Any]:
         "backbone_file_mb": round(sum(p.stat().st_size for p in (Path(zoo) / index["backbone"]["path"]).glob("*.safetensors")) / 2**20, 1),
         "rss_backbone_only_mb": round(before, 1), "rss_with_adapters_mb": round(after, 1),
         "rss_added_mb": round(after - before, 1), "added_over_files": round((after - before) / (total_bytes / 2**20), 3),
+        "keep_dtype": service.settings.keep_dtype, "serving_batches": SERVING_BATCHES,
+        "rss_after_serving_mb": round(serving, 1),
+        "added_after_serving_over_files": round((serving - before) / (total_bytes / 2**20), 3),
         "load_ms_p50": round(float(np.percentile(seconds, 50)) * 1000, 1),
         "load_ms_max": round(float(np.max(seconds)) * 1000, 1),
         "load_ms_mean": round(float(np.mean(seconds)) * 1000, 1),

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..adapter_file import check_compatible, read_adapter
+from ..adapter_file import DTYPES, check_compatible, read_adapter
 from ..config import check_modality_name
 from ..errors import AdapterFormatError
 from ..model import ModalityInfo, SegmentationModel
@@ -82,10 +82,14 @@ class AdapterRegistry:
         model: the model every adapter is loaded into (its backbone is shared).
         model_lock: the lock every forward of ``model`` holds (:attr:`MicroBatcher.lock`).
         on_change: called with the number of served adapters after every change (metrics).
+        keep_dtype: hold each adapter in its file's dtype (fp16 files: half the memory, the same masks; see
+            :meth:`~m4oe_adapters.model.SegmentationModel.add_modality`).
     """
 
-    def __init__(self, model: SegmentationModel, model_lock, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(self, model: SegmentationModel, model_lock, on_change: Callable[[int], None] | None = None,
+                 keep_dtype: bool = True) -> None:
         self.model = model
+        self.keep_dtype = keep_dtype
         self.model_lock = model_lock
         self._on_change = on_change
         self._current: dict[str, AdapterVersion] = {}
@@ -178,7 +182,7 @@ class AdapterRegistry:
             with self.model_lock:  # between two batches
                 info = self.model.add_modality(
                     slot, metadata["num_classes"], metadata["label_names"], preset=metadata["preset"],
-                    input_size=metadata["input_size"],
+                    input_size=metadata["input_size"], dtype=DTYPES[metadata["dtype"]] if self.keep_dtype else None,
                 )
                 try:
                     self.model.set_modality_tensors(slot, tensors)

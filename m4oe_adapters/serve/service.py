@@ -40,6 +40,8 @@ class ServeSettings:
         max_pixels: most pixels per upload, over all slices (checked from headers before decoding).
         max_in_flight: segment requests served at once; more get 503.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (``"auto"``: the GPU when present).
+        keep_dtype: hold each adapter in its file's dtype (an fp16 file takes half the memory of fp32 and gives the
+            same masks: its values are cast to the backbone's dtype at use); ``False``: widen to the backbone's.
     """
 
     max_batch: int = 8
@@ -48,6 +50,7 @@ class ServeSettings:
     max_pixels: int = 50_000_000
     max_in_flight: int = 64
     device: str = "auto"
+    keep_dtype: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -104,7 +107,8 @@ class Service:
             self.model, max_batch=self.settings.max_batch, max_wait_ms=self.settings.max_wait_ms, device=self.device,
             on_batch=self.metrics.on_batch, queue_length=self.metrics.queue.set, submitters=lambda: self._submitting,
         )
-        self.registry = AdapterRegistry(self.model, self.batcher.lock, on_change=self.metrics.adapters.set)
+        self.registry = AdapterRegistry(self.model, self.batcher.lock, on_change=self.metrics.adapters.set,
+                                        keep_dtype=self.settings.keep_dtype)
         self._in_flight = threading.BoundedSemaphore(self.settings.max_in_flight)
         self._slices = ThreadPoolExecutor(max_workers=max(2, self.settings.max_batch), thread_name_prefix="m4oe-slice")
         import monai.data  # noqa: F401 — the readers and inferer load now, not during the first request
