@@ -48,7 +48,9 @@ def split_samples(samples: Sequence, shots: int | None, val_count: int | None, s
     from the images beyond the k (``val_count`` of them when there are that many, else as many as there are); its
     default (``None``) is 0 with ``shots`` and :data:`DEFAULT_VAL_COUNT` without. Without ``shots``, ``val_count``
     images are held out and the rest train (at least one always trains). Samples from the same source image (slices
-    of one volume) stay on one side of the split.
+    of one volume) stay on one side of the split; without ``shots``, so do the images of one group
+    (:func:`~m4oe_adapters.data.sample_group`: the frames of one video), whole groups being held out until at least
+    ``val_count`` images validate (validation frames with near-duplicates in training would stop training late).
 
     Raises:
         DataError: ``shots`` is more than the images there are, or no training image is left.
@@ -70,13 +72,32 @@ def split_samples(samples: Sequence, shots: int | None, val_count: int | None, s
         val_keys = keys[: min(val_count, len(keys) - shots)]
         train_keys = keys[len(val_keys) : len(val_keys) + shots]
     else:
-        val_keys = keys[:val_count] if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
-        train_keys = keys[len(val_keys) :]
+        val_keys = _whole_groups(keys, groups, val_count) if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
+        train_keys = [key for key in keys if key not in set(val_keys)]
     train = [s for key in train_keys for s in groups[key]]
     val = [s for key in val_keys for s in groups[key]]
     if not train:
         raise DataError(f"no training images left ({len(samples)} samples, {val_count} held out for validation)")
     return train, val
+
+
+def _whole_groups(keys: list[str], groups: dict[str, list], count: int) -> list[str]:
+    """The first ``count`` image keys in ``keys``' order, completed with every other image of their groups (while
+    at least one image is left to train); plain images are their own group, so nothing changes for them."""
+    from .data import sample_group
+
+    group_of = {key: sample_group(groups[key][0]) for key in keys}
+    chosen: list[str] = []
+    for key in keys:
+        if len(chosen) >= count:
+            break
+        if key in chosen:
+            continue
+        members = [other for other in keys if group_of[other] == group_of[key] and other not in chosen]
+        if len(chosen) + len(members) >= len(keys):  # a group this large would leave nothing to train
+            members = [key]
+        chosen += members
+    return chosen
 
 
 def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: int | None) -> str:

@@ -1,6 +1,8 @@
 """Data in: every format and mask encoding reads in the orientation PIL shows; bad files get typed errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -596,3 +598,39 @@ def test_unit_range_presets_always_give_finite_values_in_zero_one():
             assert out.min() >= 0 and out.max() <= 1
 
     check()
+
+
+# ------------------------------------------------------------------------------------------------ groups
+def test_clinicdb_frames_belong_to_the_sequences_of_its_readme_and_the_subset_is_sequence_1():
+    from m4oe_adapters.data import sample_group
+    from m4oe_adapters.data.manifest import Sample
+
+    def group(dataset, name):
+        return sample_group(Sample(dataset, "endoscopy", dataset, Path(f"/x/{name}"), None))
+
+    assert group("CVC-ClinicDB", "1.jpg") == group("CVC-ClinicDB", "25.jpg") == "CVC-ClinicDB sequence 1"
+    assert group("CVC-ClinicDB", "26.jpg") == "CVC-ClinicDB sequence 2"
+    assert group("CVC-ClinicDB", "591.jpg") == "CVC-ClinicDB sequence 28"
+    assert group("CVC-ClinicDB", "612.jpg") == "CVC-ClinicDB sequence 29"
+    assert group("CVC-ClinicDB_subset", "fine_3_7_fram.jpg") == "CVC-ClinicDB sequence 1"
+    assert group("Kvasir-SEG", "a.jpg") == "/x/a.jpg"  # independent images: each its own group
+
+
+def test_splits_never_put_frames_of_one_video_on_both_sides():
+    """The in-domain test split and the validation split keep each ClinicDB sequence whole; the manifest's three
+    'test' frames (133, 419, 480, each inside a training sequence) are not used as a test set."""
+    from m4oe_adapters.adapt import split_samples
+    from m4oe_adapters.data import sample_group
+    from m4oe_adapters.data.manifest import Sample
+    from m4oe_adapters.protocol import split_in_domain
+
+    pool = [Sample("CVC-ClinicDB", "endoscopy", "CVC-ClinicDB", Path(f"/x/{n}.jpg"), None,
+                   split_hint="test" if n in (133, 419, 480) else "train") for n in range(1, 613)]
+    for seed in range(3):
+        development, test = split_in_domain(pool, seed)
+        assert len(test) > 100 and not {sample_group(s) for s in development} & {sample_group(s) for s in test}
+        train, val = split_samples(development, None, 4, seed)
+        assert len(val) >= 4 and not {sample_group(s) for s in train} & {sample_group(s) for s in val}
+    plain = [Sample("d", "x", "d", Path(f"/y/{n}.png"), None) for n in range(10)]
+    train, val = split_samples(plain, None, 4, 0)
+    assert len(val) == 4 and len(train) == 6  # independent images: exactly the validation count asked

@@ -7,7 +7,7 @@ Files: :mod:`.readers` (images, volumes, writing masks), :mod:`.masks` (mask enc
 """
 from .datasets import SegmentationDataset, convert_channels, normalise
 from .errors import ImageReadError, ManifestError, MaskError
-from .known_datasets import KNOWN_DATASETS, label_names
+from .known_datasets import KNOWN_DATASETS, label_names, sample_group
 from .manifest import (
     Sample,
     data_root,
@@ -24,6 +24,6 @@ from .readers import ImageRecord, read_image, read_volume, write_mask
 __all__ = [
     "ENCODINGS", "ImageReadError", "ImageRecord", "KNOWN_DATASETS", "ManifestError", "MaskError", "Sample",
     "SegmentationDataset", "convert_channels", "data_root", "decode_mask", "expand_volume", "label_names",
-    "load_pair", "normalise", "read_image", "read_manifest", "read_mask", "read_volume", "samples_from_folders",
-    "scan_samples", "select", "write_mask",
+    "load_pair", "normalise", "read_image", "read_manifest", "read_mask", "read_volume", "sample_group",
+    "samples_from_folders", "scan_samples", "select", "write_mask",
 ]

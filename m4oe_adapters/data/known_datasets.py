@@ -4,6 +4,9 @@ slice, and for two datasets a mask reader of its own. Keyed by the manifest's ``
 * ``encoding``: the mask encoding (see :mod:`.masks`) used when the manifest does not give one.
 * ``labels``: class names, index = class id.
 * ``volume_axis``: the axis 3D volumes are sliced along (NIfTI: stored z = 2; SSL4MIS HDF5: ``[Z, H, W]`` = 0).
+* ``group``: ``image_path -> str`` for datasets whose images are not independent (frames of one video): images of
+  one group (the same key across datasets: ``CVC-ClinicDB_subset`` is sequence 1 of ``CVC-ClinicDB``) stay on one
+  side of every split (:func:`sample_group`).
 * ``mask_reader``: ``(mask_path, image_record) -> [H, W] int64`` for masks that are not one picture of the image:
 
   - ``CXR_COVID_GeneralBlockchain``: both lungs are RGBA bounding-box crops, pasted at the offsets listed in
@@ -78,6 +81,22 @@ def nrrd_slice_for_dicom(mask_path: Path, image: ImageRecord) -> np.ndarray:
     return decode_mask(volume[:, :, k].T, "class_ids", mask_path)
 
 
+# First frame of each of CVC-ClinicDB's 29 video sequences (its README.txt: "1 to 25 is sequence 1", ...).
+CLINICDB_SEQUENCE_STARTS = (1, 26, 51, 68, 79, 104, 127, 152, 178, 200, 206, 228, 253, 278, 298, 318, 343, 364, 384,
+                            409, 429, 448, 467, 479, 504, 529, 547, 572, 592)
+
+
+def clinicdb_sequence(image: Path) -> str:
+    """``"CVC-ClinicDB sequence N"`` of a frame ``<frame>.jpg`` (neighbouring frames are near-duplicates)."""
+    import bisect
+
+    try:
+        frame = int(Path(image).stem)
+    except ValueError:
+        return str(image)  # not a numbered frame: its own group
+    return f"CVC-ClinicDB sequence {bisect.bisect_right(CLINICDB_SEQUENCE_STARTS, frame)}"
+
+
 KNOWN_DATASETS: dict[str, dict[str, Any]] = {
     "DRIVE": {"encoding": "binary255", "labels": ["background", "vessel"]},
     "CHASE_DB1": {"encoding": "onebit", "labels": ["background", "vessel"]},
@@ -86,7 +105,10 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
     "HC18_fetal_head_US": {"encoding": "binary255", "labels": ["background", "fetal_head"]},  # filled RGB masks
     "ISBI2012_EM": {"encoding": "invert255", "labels": ["background", "membrane"]},  # 255 = non-membrane
     "Kvasir-SEG_subset": {"encoding": "jpeg", "labels": ["background", "polyp"]},
-    "CVC-ClinicDB_subset": {"encoding": "jpeg", "labels": ["background", "polyp"]},
+    "CVC-ClinicDB_subset": {"encoding": "jpeg", "labels": ["background", "polyp"],  # frames 1-20 (sequence 1)
+                            "group": lambda image: "CVC-ClinicDB sequence 1"},
+    "CVC-ClinicDB": {"encoding": "jpeg", "labels": ["background", "polyp"], "group": clinicdb_sequence},
+    "Kvasir-SEG": {"encoding": "jpeg", "labels": ["background", "polyp"]},
     "COVID19_CT_MedSeg_InfNet": {"encoding": "binary255", "labels": ["background", "infection"]},
     "CXR_COVID_GeneralBlockchain": {"mask_reader": paste_lung_crops, "labels": ["background", "lung"]},
     "CXR_lung_imlab_demo": {"encoding": "binary255", "labels": ["background", "lung"]},
@@ -104,3 +126,10 @@ def label_names(dataset: str, num_classes: int) -> list[str]:
     if names and len(names) == num_classes:
         return list(names)
     return ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+
+
+def sample_group(sample) -> str:
+    """What must stay on one side of a split with ``sample``: its dataset's ``group`` (a video sequence), else its
+    image file (all slices of one volume)."""
+    group = KNOWN_DATASETS.get(sample.dataset, {}).get("group")
+    return group(sample.image) if group else str(sample.image)
