@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .adapter_header import DECODER_PREFIX, EXPERT_PREFIX
 from .backbones import Backbone
 from .config import DecoderConfig, ExpertConfig, check_modality_name
 from .decoder import ModalityDecoder
@@ -22,8 +23,6 @@ from .injection import inject_experts
 from .routing import RoutingDecision, RoutingState, route_images
 from .signatures import ImageSignature, image_descriptors, routing_thumbnails
 
-EXPERT_PREFIX = "experts."
-DECODER_PREFIX = "decoder."
 EXPERT_TENSORS = ("lora_A", "lora_B", "router_key")
 
 

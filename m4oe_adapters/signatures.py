@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapter_header import SIGNATURE_PREFIX, SIGNATURE_TENSORS
 from .errors import ConfigError, DataError
 
 FEATURE_VERSION = "m4oe-descriptor-2"
@@ -42,8 +43,6 @@ CALIBRATION_POINTS = 101  # stored quantiles of the held-out calibration scores
 TAIL_QUANTILE = 95  # confidence is empirical up to this calibration percentile, an exponential tail beyond
 DEFAULT_VIEWS = 8  # augmented views per training image
 DEFAULT_MIN_CONFIDENCE = 1e-3
-SIGNATURE_PREFIX = "signature."
-SIGNATURE_TENSORS = ("mean", "components", "eigenvalues", "residual", "calibration")
 COMPONENTS = 32  # principal directions kept with their own variance; the rest gets a per-feature residual variance
 SHRINKAGE = 0.2  # covariance shrunk 20 % towards its diagonal: hundreds of views, a few hundred dimensions
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])[None, None] / 8

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .adapter_file import atomic_write, inspect_adapter
+from .adapter_header import inspect_adapter  # torch-free: `m4oe zoo list` starts without torch
 from .errors import AdapterFormatError, M4oEError
 
 INDEX_NAME = "index.json"
@@ -56,6 +56,8 @@ def index_entry(zoo: Path, adapter: Path) -> dict[str, Any]:
 
 def write_index(zoo: str | Path, backbone: dict[str, Any], adapters: list[Path]) -> Path:
     """(Re)write the index from the adapter files themselves, so it can never disagree with them."""
+    from .adapter_file import atomic_write
+
     zoo = Path(zoo)
     index = {"backbone": backbone, "adapters": [index_entry(zoo, Path(a)) for a in adapters]}
     text = json.dumps(index, indent=2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 
@@ -20,7 +21,7 @@ from m4oe_adapters import (
     save_adapter,
 )
 
-from m4oe_adapters.adapter_file import read_header
+from m4oe_adapters.adapter_file import DTYPES, read_adapter, read_header
 
 from conftest import tiny_backbone, tiny_model
 
@@ -215,6 +216,81 @@ def test_nan_tensor_is_refused_on_read_and_never_written(model, tmp_path):
     with pytest.raises(AdapterFormatError, match="refusing to write.*NaN"):
         save_adapter(model, "CT", tmp_path / "nan.safetensors")
     assert not (tmp_path / "nan.safetensors").exists()
+
+
+def torch_report(path) -> dict:
+    """What ``inspect_adapter`` reported when it read the file with torch (``read_adapter``): the reference."""
+    metadata, tensors = read_adapter(path)
+
+    def total(prefix: str, size=torch.Tensor.numel) -> int:
+        return sum(size(t) for k, t in tensors.items() if k.startswith(prefix))
+
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "tensors": len(tensors),
+        "parameters": total(""),
+        "expert_parameters": total("experts."),
+        "decoder_parameters": total("decoder."),
+        "expert_layers": len({k.rsplit(".", 1)[0] for k in tensors if k.startswith("experts.")}),
+        "routing_signature_bytes": total("signature.", lambda t: t.numel() * t.element_size()),
+        "metadata": metadata,
+    }
+
+
+def refusals(path) -> tuple[str | None, str | None]:
+    """The messages of ``read_adapter`` and ``inspect_adapter`` for ``path`` (``None``: read)."""
+    messages = []
+    for read in (read_adapter, inspect_adapter):
+        try:
+            read(path)
+            messages.append(None)
+        except AdapterFormatError as error:
+            messages.append(str(error))
+    return tuple(messages)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_inspect_reads_without_torch_exactly_what_read_adapter_reads(model, tmp_path, dtype):
+    path = save_adapter(model, "CT", tmp_path / f"{dtype}.safetensors", dtype=dtype)
+    assert inspect_adapter(path) == torch_report(path)
+    valid = path.read_bytes()
+    metadata, header = read_header(path)
+    body = len(valid) - max(entry["data_offsets"][1] for entry in header.values())
+    key = sorted(k for k in header if k.endswith("lora_A"))[3]  # a tensor in the middle of the data
+    size = torch.finfo(DTYPES[dtype]).bits // 8
+    position = body + header[key]["data_offsets"][0] + 5 * size
+    largest = torch.finfo(DTYPES[dtype]).max
+    for value in (float("nan"), float("inf"), -float("inf"), largest, -largest):
+        data = bytearray(valid)
+        data[position : position + size] = bytes(torch.tensor([value], dtype=DTYPES[dtype]).view(torch.uint8))
+        path.write_bytes(bytes(data))
+        by_torch, by_numpy = refusals(path)
+        assert by_numpy == by_torch, value
+        if math.isfinite(value):
+            assert by_numpy is None and inspect_adapter(path) == torch_report(path)
+        else:
+            assert by_numpy == f"{path}: tensor {key!r} holds NaN or Inf values: the adapter is corrupt"
+    # A header this reader accepts but safetensors' own parser refuses (a non-string metadata value) is refused by
+    # both paths alike: inspect runs the same parser.
+    (length,) = struct.unpack("<Q", valid[:8])
+    table = json.loads(valid[8 : 8 + length])
+    table["__metadata__"]["extra"] = 5
+    raw = json.dumps(table).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + valid[8 + length :])
+    read_header(path)
+    by_torch, by_numpy = refusals(path)
+    assert by_numpy == by_torch and "corrupt tensor data" in by_numpy
+
+
+def test_inspect_reports_the_shipped_adapters_as_the_torch_reader_did():
+    from m4oe_adapters.zoo import default_zoo
+
+    files = sorted(default_zoo().glob("*.safetensors"))
+    if not files:
+        pytest.skip("no adapters_zoo/ in this checkout")
+    for path in files:  # fp16 files with routing signatures
+        assert inspect_adapter(path) == torch_report(path)
 
 
 def test_failed_write_keeps_the_previous_file_and_leaves_no_partial_file(model, tmp_path, monkeypatch):

@@ -178,14 +178,33 @@ def test_train_and_eval_run_in_bf16_with_checkpointing_on_the_chosen_device(adap
     assert "--device" in capsys.readouterr().err
 
 
-def test_light_commands_do_not_import_monai_transformers_timm_or_peft(adapter):
-    code = ("import sys; from m4oe_adapters.cli import main; "
-            f"assert main(['inspect', {str(adapter)!r}]) == 0; main(['zoo', 'list']); "
-            "print(sorted(m for m in ('monai', 'transformers', 'timm', 'peft') if m in sys.modules))")
+@pytest.mark.parametrize("command", ["inspect", "zoo list"])
+def test_light_commands_do_not_import_torch_monai_transformers_timm_or_peft(adapter, command):
+    # Each in a fresh process: `m4oe inspect FILE` and `m4oe zoo list` start in a fraction of a second because they
+    # import none of these (torch alone takes seconds to import).
+    arguments = ["inspect", str(adapter)] if command == "inspect" else ["zoo", "list"]
+    code = ("import sys; import m4oe_adapters.cli; from m4oe_adapters.cli import main; "
+            f"assert main({arguments!r}) == 0; "
+            "print(sorted(m for m in ('torch', 'monai', 'transformers', 'timm', 'peft') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_package_imports_without_torch_and_resolves_each_public_name_on_first_use():
+    code = ("import sys, m4oe_adapters; "
+            "from m4oe_adapters import AdapterFormatError, DecoderConfig, ExpertConfig, inspect_adapter; "
+            "light = 'torch' not in sys.modules; "
+            "from m4oe_adapters import *; import m4oe_adapters.adapter_file as adapter_file; "
+            "assert all(name in dir(m4oe_adapters) and name in globals() for name in m4oe_adapters.__all__); "
+            "assert m4oe_adapters.inspect_adapter is adapter_file.inspect_adapter; "
+            "assert m4oe_adapters.load_adapter is adapter_file.load_adapter; "
+            "print(light, len(m4oe_adapters.__all__), hasattr(m4oe_adapters, 'no_such_name'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "27", "False"]
 
 
 def test_train_init_takes_the_zoos_reference_backbone_or_names_the_fingerprint_needed(adapter, tmp_path):

@@ -43,7 +43,7 @@ def backbone_lines(backbone: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapter_file import inspect_adapter
+    from ..adapter_header import inspect_adapter  # torch-free: inspect starts without torch
     from ..reporting import describe_backbone
 
     report = inspect_adapter(args.file)
