@@ -279,12 +279,14 @@ def _confusion_png(report, truths, columns, path: Path) -> Path:
 
 def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected: Mapping[str, str],
                 signatures: Mapping[str, ImageSignature], per_adapter: int, seed: int = 0,
-                min_confidence: float | None = None, progress: bool = True) -> dict[str, Any]:
+                min_confidence: float | None = None, progress: bool = True, device=None,
+                precision: str = "32") -> dict[str, Any]:
     """Segment ``per_adapter`` held-out images of each adapter three ways — hard routing to where the image-level
     router says (as ``m4oe predict`` without ``--modality`` does), hard routing with the true modality, and soft
     token-level routing (every expert mixed by the gate) with the true modality's decoder — and compare mean Dice.
     An image routed to *unknown* gets no mask: Dice 0 for the routed run. A wrong adapter's mask is scored against
-    the image's own labels (classes beyond the right adapter's count count as background).
+    the image's own labels (classes beyond the right adapter's count count as background). ``device`` and
+    ``precision``: where and how the model runs (see :func:`~m4oe_adapters.prediction.predict_array`).
     """
     from .adapter_file import load_adapter, model_from_adapter
     from .data import load_pair
@@ -296,6 +298,9 @@ def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected:
     for name in names[1:]:
         load_adapter(model, files[name])
     model.eval()
+    if device is not None:
+        model.to(device)
+    run = dict(device=device, precision=precision)
     seen = {h for signature in signatures.values() for h in signature.image_hashes}
     chosen = []
     for name in names:
@@ -314,16 +319,16 @@ def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected:
         raw, label, meta = load_pair(sample)
         classes = model.modalities[name].num_classes
         decision = model.route([raw], min_confidence)[0]
-        true_mask = predict_array(model, raw, name, meta)
+        true_mask = predict_array(model, raw, name, meta, **run)
         true_dice = _mean_dice(score_mask(true_mask, label, classes))
         if decision.unknown:
             routed_dice_value = 0.0
         elif decision.modality == name:
             routed_dice_value = true_dice
         else:
-            routed_mask = predict_array(model, raw, decision.modality, meta)
+            routed_mask = predict_array(model, raw, decision.modality, meta, **run)
             routed_dice_value = _mean_dice(score_mask(np.where(routed_mask < classes, routed_mask, 0), label, classes))
-        soft_mask = predict_array(model, raw, name, meta, routing="soft")  # the token gate mixes every expert
+        soft_mask = predict_array(model, raw, name, meta, routing="soft", **run)  # the token gate mixes every expert
         rows.append({"image": str(sample.image), "adapter": name, "routed_to": decision.modality or "unknown",
                      "dice_true_modality": true_dice, "dice_routed": routed_dice_value,
                      "dice_soft_true_decoder": _mean_dice(score_mask(soft_mask, label, classes))})

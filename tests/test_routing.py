@@ -273,3 +273,29 @@ def test_eval_routing_refuses_to_replace_an_earlier_report_without_overwrite(tmp
     code = main(["eval-routing", "--zoo", str(ZOO), "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path)])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "report.md").read_text() == "a user's earlier report\n"
+
+
+@pytest.mark.real_data
+def test_eval_routing_reports_what_its_rows_say_and_compares_dice_three_ways(tmp_path):
+    """`m4oe eval-routing` end to end on a few held-out images per dataset: the summary's top-1, false rejection
+    and per-dataset counts are those of its per-image CSV, the confusion matrix adds up, every adapter is left out
+    once, and --dice compares routed, true-modality and soft Dice on the same images."""
+    import csv
+
+    from m4oe_adapters.cli import main
+    from m4oe_adapters.data import data_root
+
+    out = tmp_path / "routing"
+    assert main(["eval-routing", "--zoo", str(ZOO), "--data", str(data_root()), "--map", "CHASE_DB1=fundus",
+                 "--max-per-dataset", "3", "--dice", "1", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [row for row in csv.DictReader(open(out / "routing.csv")) if row["expected"] != "no adapter"]
+    assert summary["known_images"] == len(rows) > 0
+    assert summary["top1_accuracy"] == pytest.approx(np.mean([r["nearest"] == r["expected"] for r in rows]))
+    assert summary["false_rejection_rate"] == pytest.approx(np.mean([r["chosen"] == "unknown" for r in rows]))
+    confusion = list(csv.reader(open(out / "confusion.csv")))
+    counted = sum(int(v) for line in confusion[1:] if line[0] != "no adapter" for v in line[1:])
+    assert counted == len(rows)
+    assert set(summary["leave_one_out"]) == set(summary["adapters"])
+    dice = summary["dice"]
+    assert dice["images"] > 0 and all(0 <= dice[k] <= 1 for k in ("routed_mean", "true_mean", "soft_mean"))

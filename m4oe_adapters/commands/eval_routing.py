@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .common import add_threads_argument
+from .common import add_runtime_arguments, add_threads_argument, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -38,6 +38,7 @@ def register(subparsers) -> None:
                         help="axis along which 3D volumes are cut into 2D slices (default: a known dataset's axis, "
                              "else the coarsest-spacing axis in the header, else the shortest axis)")
     add_threads_argument(parser)
+    add_runtime_arguments(parser)  # for --dice
     parser.set_defaults(func=run)
 
 
@@ -87,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dice:
         from ..routing_eval import routed_dice
 
+        device, precision = runtime_from_args(args)
         report["dice"] = routed_dice(files, weights, samples, expected, signatures, args.dice, args.seed,
-                                     args.min_confidence)
+                                     args.min_confidence, device=device, precision=precision)
     command = "m4oe " + shlex.join(getattr(args, "argv", []))
     for path in write_routing_report(report, args.out, command):
         print(f"wrote {path}")

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .common import add_threads_argument
+from .common import add_threads_argument, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--memory-adapters", type=int, default=100, help="adapters of the memory scenario (0: skip)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--device", default="cpu",
+                        help="where the services under test run: cpu (the targets are for this CPU), auto, cuda...")
     add_threads_argument(parser)
     parser.set_defaults(func=run)
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out} exists; pass --overwrite to replace it")
     report = run_bench(args.zoo, args.data, requests=args.requests, concurrency=args.concurrency,
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, seconds=args.seconds,
-                       overhead_runs=args.overhead_runs, memory_adapters=args.memory_adapters)
+                       overhead_runs=args.overhead_runs, memory_adapters=args.memory_adapters,
+                       device=str(runtime_from_args(args)[0]))
     report["command"] = "m4oe " + " ".join(args.argv)
     print(markdown(report))
     if args.out:

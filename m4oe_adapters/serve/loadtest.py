@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import DataError
 from .app import Tokens, create_app
-from .service import ServeSettings, Service
+from .service import ServeSettings, Service, resolve_device
 
 TILE = 224
 SERVING_BATCHES = 12  # mixed batches of 8 random modalities run before memory is measured again
@@ -290,8 +290,9 @@ def memory_probe(zoo: str, folder: str) -> dict[str, Any]:
 
 def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, concurrency: int = 8,
               max_batch: int = 8, max_wait_ms: float = 20.0, seconds: float = 60.0, overhead_runs: int = 15,
-              memory_adapters: int = 100, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every scenario of this module's docstring; returns the report (JSON-ready)."""
+              memory_adapters: int = 100, log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
+    """Every scenario of this module's docstring; returns the report (JSON-ready). ``device``: where the services
+    under test run their model (the 100-adapter memory scenario measures CPU resident memory, on the CPU)."""
     import torch
 
     from ..zoo import read_index
@@ -305,7 +306,7 @@ def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, con
         raise DataError(f"{data_root}: none of the zoo's datasets is in the manifest")
     tokens = Tokens.generate()
     report: dict[str, Any] = {"modalities": modalities, "torch_threads": torch.get_num_threads(),
-                              "cpu_count": os.cpu_count(), "requests_per_scenario": requests,
+                              "cpu_count": os.cpu_count(), "device": device, "requests_per_scenario": requests,
                               "concurrency": concurrency, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
                               "load_average_start": [round(v, 2) for v in os.getloadavg()]}
     tiles = {m: png_of(*images[m][:1], TILE) for m in modalities}
@@ -314,7 +315,7 @@ def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, con
     single_jobs = [(single_name, tiles[modalities[i % len(modalities)]]) for i in range(requests)]
 
     def service(batch: int) -> Service:
-        built = Service.from_zoo(zoo, ServeSettings(max_batch=batch, max_wait_ms=max_wait_ms, device="cpu"))
+        built = Service.from_zoo(zoo, ServeSettings(max_batch=batch, max_wait_ms=max_wait_ms, device=device))
         return built
 
     # Batched service: overhead, single vs mixed, hot swap.
@@ -322,7 +323,7 @@ def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, con
     batched = service(max_batch)
     with LocalServer(batched, tokens) as server:
         drive(server.port, tokens.predict, mixed_jobs[: 2 * len(modalities)], concurrency, seconds)  # warm-up
-        report["overhead"] = _overhead(server, tokens, zoo, images, overhead_runs)
+        report["overhead"] = _overhead(server, tokens, zoo, images, overhead_runs, device)
         log(f"  overhead: {report['overhead']}")
         report["single"] = drive(server.port, tokens.predict, single_jobs, concurrency, seconds)
         log(f"  single ({single_name}): {report['single']}")
@@ -357,9 +358,9 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int) -> dict:
+def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int, device: str = "cpu") -> dict:
     """One 512×512 PNG, one request at a time, vs predict_array on the same decoded image, in this process, with
-    its own copy of the model (the zoo's backbone and the same adapter file)."""
+    its own copy of the model (the zoo's backbone and the same adapter file) on the same device."""
     from PIL import Image
 
     from ..adapter_file import model_from_adapter
@@ -370,6 +371,7 @@ def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int)
     name = "fundus" if "fundus" in images else next(iter(images))
     entry = next(e for e in read_index(zoo)["adapters"] if e["modality"] == name)
     reference = model_from_adapter(zoo / entry["file"], None, backbone=load_reference_backbone(zoo)).eval()
+    reference.to(resolve_device(device))
     body = png_of(images[name][0], 512)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "image.png"
@@ -385,7 +387,7 @@ def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int)
             if status != 200:
                 raise DataError(f"bench request failed: {status} {answer}")
             begin = time.perf_counter()
-            mask = predict_array(reference, record.array, name, record.meta)
+            mask = predict_array(reference, record.array, name, record.meta, device=resolve_device(device))
             in_process = time.perf_counter() - begin
             if index >= 2:  # two warm-up rounds
                 service_ms.append(elapsed * 1000)
