@@ -232,6 +232,8 @@ def predict_files(
                     results.append(_unknown(source, confidence))
                     continue
                 meta = {"dtype": str(volume.dtype)}
+                if spacing is not None:  # in-plane spacing of the slices: adapters that recorded one resample to it
+                    meta["spacing"] = [value for index, value in enumerate(spacing) if index != axis]
                 if progress:  # a volume can take minutes: a bar over its slices (with ETA) under the files' bar
                     from tqdm.auto import tqdm
 

@@ -121,3 +121,28 @@ def test_binary_png_masks_are_0_and_255_and_multiclass_masks_keep_class_ids(tmp_
     picture = Image.open(tmp_path / "three.png")
     assert picture.mode == "P" and set(np.unique(np.asarray(picture))) == {0, 1, 2}
     assert picture.getpalette()[3:6] != [0, 0, 0]  # class 1 has a visible colour
+
+
+def test_predict_gives_a_nifti_volume_s_in_plane_spacing_to_scale_harmonisation(tmp_path, monkeypatch):
+    """An adapter that recorded its pixel spacing gets each slice of a NIfTI volume resampled from the volume's
+    in-plane spacing (the header's, without the slice axis), as 2D images and DICOM slices already were."""
+    import nibabel
+
+    import m4oe_adapters.prediction as prediction
+    from conftest import tiny_model
+
+    model = tiny_model(modalities=("MRI",))
+    model.modalities["MRI"].provenance["scale"] = {"kind": "pixel_spacing_mm", "value": 0.5, "images": 1}
+    nibabel.save(nibabel.Nifti1Image(np.zeros((40, 48, 3), np.float32), np.diag([*SPACING, 1.0])),
+                 tmp_path / "v.nii.gz")
+    seen = []
+    original = prediction.predict_mask_at_scale
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("meta") or {}).get("spacing"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "predict_mask_at_scale", spy)
+    results = prediction.predict_files(model, [tmp_path / "v.nii.gz"], tmp_path / "out", modality="MRI")
+    assert results[0].error is None and len(seen) == 3  # axis 2 (4 mm) is the slice axis: 3 slices
+    assert all(spacing == [1.0, 1.0] for spacing in seen)
