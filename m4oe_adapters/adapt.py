@@ -73,7 +73,8 @@ def split_samples(samples: Sequence, shots: int | None, val_count: int | None, s
         train_keys = keys[len(val_keys) : len(val_keys) + shots]
     else:
         val_keys = _whole_groups(keys, groups, val_count) if len(keys) > val_count else keys[: max(0, len(keys) - 1)]
-        train_keys = [key for key in keys if key not in set(val_keys)]
+        held = set(val_keys)
+        train_keys = [key for key in keys if key not in held]
     train = [s for key in train_keys for s in groups[key]]
     val = [s for key in val_keys for s in groups[key]]
     if not train:

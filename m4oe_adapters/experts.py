@@ -24,6 +24,7 @@ from .routing import RoutingState, gate_probabilities, load_balancing_loss, rows
 
 STACK_CACHE_SIZE = 4  # expert stacks cached per layer (one per distinct modality set of a mixed batch)
 
+
 class ModalityExpertLinear(nn.Module):
     """A frozen linear layer with per-modality low-rank experts.
 
