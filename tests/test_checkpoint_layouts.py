@@ -3,6 +3,7 @@ cause: never a backbone that is silently part random. Files are built in the rea
 with random values that differ per tensor, so "equal to the file" cannot hold by accident."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from m4oe_adapters import BackboneError, load_backbone
 from m4oe_adapters.cli import main
+from m4oe_adapters.runtime import available_devices
 
 from conftest import TIMM_NAME, TINY_TIMM
 from swin_layouts import (
@@ -282,6 +284,13 @@ def test_backbone_check_reads_the_architecture_of_a_microsoft_release_without_ba
     total = len(list(source.parameters()))
     assert f"version {version}, embed_dim 16, depths [1, 1, 2, 1], num_heads [1, 1, 2, 2]" in out
     assert f"loaded, {total}/{total} tensors" in out
+
+
+@pytest.mark.parametrize("device", available_devices())
+def test_backbone_check_runs_its_test_forward_on_the_device_asked(tmp_path, capsys, device):
+    path = save(microsoft_release(microsoft_layout(tiny_timm("v1"), classes=10)), tmp_path / "release.pth")
+    assert main(["backbone", "check", str(path), "--img-size", "64", "--device", device, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["feature_shapes"][0] == [16, 16, 16]
 
 
 def test_backbone_check_of_a_bare_timm_swinv2_file_asks_for_the_backbone(tmp_path, capsys):

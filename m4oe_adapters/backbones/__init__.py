@@ -114,8 +114,10 @@ def check_backbone(
     img_size: int = 224,
     model_args: dict[str, Any] | None = None,
     forward: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Load a checkpoint as a backbone and say what it is, without training anything.
+    """Load a checkpoint as a backbone and say what it is, without training anything (the test forward runs on
+    ``device``).
 
     Returns :meth:`Backbone.describe` (family, architecture, source, ``loaded N/N`` report, fingerprint) plus
     ``load_seconds`` and, with ``forward``, the feature-map shapes ``[C, H, W]`` of one zero image of
@@ -133,8 +135,9 @@ def check_backbone(
     report = backbone.describe()
     report["load_seconds"] = round(time.perf_counter() - start, 3)
     if forward:
+        backbone.to(device)
         with torch.no_grad():
-            features = backbone(torch.zeros(1, backbone.in_chans, img_size, img_size))
+            features = backbone(torch.zeros(1, backbone.in_chans, img_size, img_size, device=device))
         report["feature_shapes"] = [list(feature.shape[1:]) for feature in features]
     return report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import json_mapping
+from .common import add_runtime_arguments, add_threads_argument, json_mapping, runtime_from_args
 
 
 def register(subparsers) -> None:
@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     check.add_argument("--model-args", type=json_mapping, default=None, help="architecture arguments as JSON")
     check.add_argument("--no-forward", action="store_true", help="skip the test forward pass")
     check.add_argument("--json", action="store_true", help="print one JSON document")
+    add_runtime_arguments(check, precision=False)
+    add_threads_argument(check)
     check.set_defaults(func=run_check)
     parser.set_defaults(func=lambda args: parser.print_help() or 1)
 
@@ -61,7 +63,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     report = check_backbone(
         args.weights, args.backbone, in_chans=args.in_chans, img_size=args.img_size, model_args=args.model_args,
-        forward=not args.no_forward,
+        forward=not args.no_forward, device=str(runtime_from_args(args)[0]),
     )
     report["img_size"] = args.img_size
     print(json.dumps(report, indent=2) if args.json else format_report(report))
