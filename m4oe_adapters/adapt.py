@@ -239,6 +239,7 @@ def fit_modality(
     pixel_size: float | None = None,
     cross_validation_folds: int | None = None,
     split: tuple[Sequence, Sequence] | None = None,
+    augment: str = "basic",
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -257,6 +258,8 @@ def fit_modality(
             trains on every image for the median of the folds' best steps. Costs N + 1 trainings; no label is spent
             on validation.
         split: ``(train, validation)`` samples given as they are (no shots/validation split).
+        augment: ``"basic"`` (flips, rotations, intensity jitter) or ``"site"`` (also colour cast, gamma, blur,
+            noise and zoom: :data:`~m4oe_adapters.data.datasets.SITE_AUGMENTATION`); recorded in the provenance.
         size: training input size (crops or resizes, see ``resize_mode``); ``None``: the ``init_adapter``'s, else
             224 x 224.
         resize_mode: ``"crop"`` or ``"resize"``; ``None``: the ``init_adapter``'s, else ``"crop"``.
@@ -299,7 +302,7 @@ def fit_modality(
             backbone_factory, train_samples, modality, cross_validation_folds, train_config, log,
             dict(mode=mode, in_chans=in_chans, size=size, resize_mode=resize_mode, num_classes=num_classes,
                  label_names=label_names, preset=preset, expert_config=expert_config, decoder_config=decoder_config,
-                 init_adapter=init_adapter, progress=progress),
+                 init_adapter=init_adapter, progress=progress, augment=augment),
         )
         train_config = replace(train_config, steps=cross_validation["chosen_steps"], patience=None)
         log(f"cross-validation over {len(cross_validation['best_steps'])} folds: best steps "
@@ -312,7 +315,7 @@ def fit_modality(
         preset, label_names, num_classes = metadata["preset"], metadata["label_names"], metadata["num_classes"]
     preset = preset or default_preset(modality)
     train_set = SegmentationDataset(
-        train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=True,
+        train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=augment,
         seed=train_config.seed,
     )
     val_set = SegmentationDataset(
@@ -346,6 +349,7 @@ def fit_modality(
         # How prediction must treat sizes: "crop" = trained on native-resolution crops, predict with sliding
         # windows at native resolution; "resize" = trained on resized images, predict on the image resized alike.
         "resize_mode": resize_mode,
+        "augment": augment,
         # The scale the adapter was trained at (m4oe_adapters.scale): predict/eval resample every input to it.
         "scale": scale_for_modality(modality, train_samples, pixel_size),
     }

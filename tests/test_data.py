@@ -530,6 +530,38 @@ def test_different_seeds_give_different_augmentations(tmp_path):
     assert any(not torch.equal(items[0], other) for other in items[1:])
 
 
+def test_site_augmentation_shifts_colour_per_channel_and_scale_reproducibly(tmp_path):
+    """augment="site": seeded like the basic one (same seed, same item), labels stay class ids on the image's
+    grid, and across seeds the channels move apart (a colour cast) and the labelled area changes (zoom), which
+    the basic augmentation (flips, rotations, one gain for all channels) never does."""
+    write_pairs(tmp_path, count=1, size=(64, 64))
+    samples = samples_from_folders(tmp_path / "images", tmp_path / "masks", "fundus")
+    site = SegmentationDataset(samples, size=(48, 48), augment="site")
+    basic = SegmentationDataset(samples, size=(48, 48), augment="basic")
+
+    def draws(dataset):
+        out = []
+        for seed in range(12):
+            dataset.set_sample_seed(seed)
+            out.append(dataset[0])
+        return out
+
+    first, again = draws(site), draws(site)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) for a, b in zip(first, again))
+    assert all(set(item["label"].unique().tolist()) <= {0, 1} for item in first)
+
+    def spread(items):
+        ratios = [float(item["image"][0].std() / item["image"][1].std().clamp_min(1e-6)) for item in items]
+        areas = [int(item["label"].sum()) for item in items]
+        return max(ratios) - min(ratios), len(set(areas))
+
+    site_ratio, site_areas = spread(first)
+    basic_ratio, basic_areas = spread(draws(basic))
+    assert site_ratio > basic_ratio + 0.05 and site_areas > basic_areas
+    with pytest.raises(ConfigError):
+        SegmentationDataset(samples, augment="strong")
+
+
 def test_dataset_refuses_bad_settings(tmp_path):
     write_pairs(tmp_path, count=1)
     samples = samples_from_folders(tmp_path / "images", tmp_path / "masks", "fundus")

@@ -229,3 +229,11 @@ def test_a_volume_given_to_predict_shows_a_bar_over_its_slices(tmp_path, capsys)
                  "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "v.h5" in err and "/7 " in err and "slice" in err  # a bar over the 7 slices (cleared when done)
+
+
+def test_train_with_site_augmentation_records_it_in_the_adapter(data, tmp_path, capsys):
+    path = tmp_path / "site.safetensors"
+    assert train(data, path, "--augment", "site") == 0
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["provenance"]["augment"] == "site"

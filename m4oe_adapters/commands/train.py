@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute backbone blocks during backward: less memory, about one more forward pass")
+    parser.add_argument("--augment", choices=["basic", "site"], default="basic",
+                        help="basic: flips, rotations, intensity jitter; site: also colour cast, gamma, blur, noise "
+                             "and zoom 0.7-1.4 (what differs between hospitals and devices)")
     parser.add_argument("--prefetch", type=int, default=0,
                         help="batches read and augmented ahead in a background thread while a step runs (same batches; "
                              "helps on a GPU or with large images; 0: read each batch when needed)")
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         expert_config=ExpertConfig(rank=rank, alpha=alpha, target_pattern=targets),
         init_adapter=args.init, train_config=config, out_dir=out_dir, resume=args.resume,
         progress=not args.no_progress, pixel_size=args.pixel_size, cross_validation_folds=args.val_from_shots,
+        augment=args.augment,
     )
     rank, _ = distributed_context()
     if rank == 0:

@@ -3,8 +3,9 @@
 Each item is ``{"image": FloatTensor [C, H, W], "label": LongTensor [1, H, W], "modality", "site", "path"}``.
 Sizes: ``mode="crop"`` takes native-resolution crops of ``size`` (padded when the image is smaller; random when
 augmenting, centred otherwise), ``mode="resize"`` resizes the whole image (labels with nearest neighbour),
-``size=None`` keeps the native size. Augmentation (flips, 90° rotations when square, intensity scale/shift) is
-seeded: the same ``seed`` and access order give the same items, and :meth:`set_sample_seed` seeds one item, so a
+``size=None`` keeps the native size. Augmentation (flips, 90° rotations when square, intensity scale/shift; with
+``augment="site"`` also what differs between hospitals and devices: a colour cast per channel, gamma, blur, noise
+and a zoom of 0.7-1.4) is seeded: the same ``seed`` and access order give the same items, and :meth:`set_sample_seed` seeds one item, so a
 training run is reproducible and resumable.
 
 Decoded, preset-normalised images are cached in memory (the shared datasets are small); bad inputs raise the
@@ -47,6 +48,14 @@ def normalise(image: np.ndarray, meta: dict[str, Any], preset: dict[str, Any], c
     return convert_channels(normalised, channels, meta.get("source"))
 
 
+AUGMENTATIONS = (False, True, "basic", "site")
+# What differs between sites of one modality, drawn in the normalised image: per-channel gain (a colour cast /
+# white balance), gamma (exposure, contrast curve), blur (focus, resolution), noise, and object scale (field of view,
+# pixel size), within ranges seen between public datasets of one modality; not tuned on any test site.
+SITE_AUGMENTATION = {"channel_gain": 0.2, "gamma": (0.7, 1.5), "blur_sigma": (0.25, 1.5), "noise_std": 0.05,
+                     "zoom": (0.7, 1.4)}
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Labelled 2D samples of one modality, preprocessed and (optionally) augmented.
 
@@ -56,7 +65,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         in_channels: channels the backbone takes (1 or 3).
         size: ``(H, W)`` training size, or ``None`` for native size.
         mode: ``"crop"`` or ``"resize"``.
-        augment: random flips, 90° rotations and intensity jitter.
+        augment: ``False``; ``True`` or ``"basic"``: random flips, 90° rotations and intensity jitter; ``"site"``:
+            those plus the site shifts of :data:`SITE_AUGMENTATION` (for adapters meant for unseen sites).
         seed: base seed of the augmentation.
     """
 
@@ -68,17 +78,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
         in_channels: int = 3,
         size: tuple[int, int] | None = (224, 224),
         mode: str = "crop",
-        augment: bool = False,
+        augment: bool | str = False,
         seed: int = 0,
     ) -> None:
         from monai.transforms import (
             CenterSpatialCropd,
             Compose,
+            RandAdjustContrastd,
             RandFlipd,
+            RandGaussianNoised,
+            RandGaussianSmoothd,
             RandRotate90d,
             RandScaleIntensityd,
             RandShiftIntensityd,
             RandSpatialCropd,
+            RandZoomd,
             Resized,
             SpatialPadd,
         )
@@ -90,6 +104,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise ConfigError(f"in_channels must be 1 or 3, got {in_channels!r}")
         if mode not in ("crop", "resize"):
             raise ConfigError(f"mode must be 'crop' or 'resize', got {mode!r}")
+        if augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {', '.join(map(repr, AUGMENTATIONS))}, got {augment!r}")
         self.preset = preset or default_preset(self.samples[0].modality)
         self.in_channels = in_channels
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -111,6 +127,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             steps += [
                 RandScaleIntensityd("image", factors=0.1, prob=0.5),
                 RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            ]
+        if augment == "site":
+            shift = SITE_AUGMENTATION
+            steps += [
+                RandScaleIntensityd("image", factors=shift["channel_gain"], prob=0.8, channel_wise=True),
+                RandAdjustContrastd("image", gamma=shift["gamma"], prob=0.5),
+                RandGaussianSmoothd("image", sigma_x=shift["blur_sigma"], sigma_y=shift["blur_sigma"], prob=0.3),
+                RandGaussianNoised("image", std=shift["noise_std"], prob=0.2),
+                RandZoomd(keys, min_zoom=shift["zoom"][0], max_zoom=shift["zoom"][1], prob=0.5,
+                          mode=("bilinear", "nearest"), keep_size=True),
             ]
         self.transform = Compose(steps)
         self.transform.set_random_state(seed=seed)
