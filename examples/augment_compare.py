@@ -14,22 +14,13 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _runs import run  # examples/_runs.py
 
 BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone_clean"]
 FIELDS = ["variant", "seed", "site", "dice", "dice_low", "dice_high", "hd95", "images", "train_s", "eval_s"]
-
-
-def run(cmd: list[str], log: Path) -> float:
-    start = time.time()
-    with open(log, "w") as stream:
-        code = subprocess.call(cmd, stdout=stream, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"failed ({code}): {' '.join(cmd)}; see {log}")
-    return time.time() - start
 
 
 def main() -> None:
