@@ -52,6 +52,26 @@ def main() -> None:
             cells.append(f"{mean * 100:.1f} ± {sd * 100:.1f} (95 % CI {100 * (mean - half):.1f}–{100 * (mean + half):.1f}, "
                          f"{n} seeds)" if n > 1 else f"{mean * 100:.1f} (1 seed)")
         print(f"| {mode} | " + " | ".join(cells) + " |")
+    print()
+    print("Paired by seed (each seed draws the same k images for every mode): experts minus the other mode.")
+    print()
+    print("| k | " + " | ".join(f"experts − {m}" for m in modes if m != "experts") + " |")
+    print("|---|" + "---|" * (len(modes) - 1))
+    by_run = {(r["mode"], r["k"], r["seed"]): float(r["dice"]) for r in rows}
+    for k in ks:
+        cells = []
+        for mode in modes:
+            if mode == "experts":
+                continue
+            seeds = sorted({seed for (m, kk, seed) in by_run if m == "experts" and kk == k}
+                           & {seed for (m, kk, seed) in by_run if m == mode and kk == k})
+            diffs = np.asarray([by_run[("experts", k, seed)] - by_run[(mode, k, seed)] for seed in seeds]) * 100
+            if len(diffs) < 2:
+                cells.append("n/a")
+                continue
+            half = T95.get(len(diffs) - 1, 2.0) * diffs.std(ddof=1) / np.sqrt(len(diffs))
+            cells.append(f"{diffs.mean():+.1f} (95 % CI {diffs.mean() - half:+.1f} to {diffs.mean() + half:+.1f})")
+        print(f"| {k} | " + " | ".join(cells) + " |")
     if args.png:
         import matplotlib
 
@@ -60,11 +80,12 @@ def main() -> None:
 
         figure, axis = plt.subplots(figsize=(5, 3.4))
         positions = {k: index + 1 for index, k in enumerate(ks)}
-        for mode in modes:
+        for offset, mode in zip(np.linspace(-0.15, 0.15, len(modes)), modes):
             present = [k for k in ks if (mode, k) in table]
             means = [table[(mode, k)][0] * 100 for k in present]
             errors = [0 if np.isnan(table[(mode, k)][2]) else table[(mode, k)][2] * 100 for k in present]
-            axis.errorbar([positions[k] for k in present], means, yerr=errors, marker="o", capsize=3, label=mode)
+            axis.errorbar([positions[k] + offset for k in present], means, yerr=errors, marker="o", capsize=3,
+                          label=mode)
         if ("zero-shot", "0") in table:
             axis.axhline(table[("zero-shot", "0")][0] * 100, color="grey", linestyle="--", label="zero-shot")
         axis.set_xticks(list(positions.values()), [f"k={k}" for k in ks])
