@@ -287,7 +287,7 @@ def test_eval_routing_reports_what_its_rows_say_and_compares_dice_three_ways(tmp
 
     out = tmp_path / "routing"
     assert main(["eval-routing", "--zoo", str(ZOO), "--data", str(data_root()), "--map", "CHASE_DB1=fundus",
-                 "--max-per-dataset", "3", "--dice", "1", "--device", "cpu", "--out", str(out)]) == 0
+                 "--max-per-dataset", "3", "--dice", "1", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = [row for row in csv.DictReader(open(out / "routing.csv")) if row["expected"] != "no adapter"]
     assert summary["known_images"] == len(rows) > 0

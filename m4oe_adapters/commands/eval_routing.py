@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--slice-axis", type=int, default=None,
                         help="axis along which 3D volumes are cut into 2D slices (default: a known dataset's axis, "
                              "else the coarsest-spacing axis in the header, else the shortest axis)")
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.data) if args.data else default_data_root()
     samples = read_manifest(root / "manifest.csv" if root.is_dir() else root, nonempty_slices=True,
                             slice_axis=args.slice_axis)
-    images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed)
+    images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed,
+                              progress=not args.no_progress)
     for source, array in synthetic_unknowns(args.synthetic_unknowns, args.seed):
         images.append(RoutedImage(source, "synthetic", None, image_descriptors(routing_thumbnails(array))[0]))
     report = evaluate_routing(signatures, images, args.min_confidence)
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
         device, precision = runtime_from_args(args)
         report["dice"] = routed_dice(files, weights, samples, expected, signatures, args.dice, args.seed,
-                                     args.min_confidence, device=device, precision=precision)
+                                     args.min_confidence, progress=not args.no_progress, device=device,
+                                     precision=precision)
     command = "m4oe " + shlex.join(getattr(args, "argv", []))
     for path in write_routing_report(report, args.out, command):
         print(f"wrote {path}")
