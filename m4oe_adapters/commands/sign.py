@@ -13,8 +13,10 @@ def register(subparsers) -> None:
         "sign", help="give an adapter a routing signature fitted on its training images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fit the image signature that lets routing recognise this adapter's images (predict, serve, "
-                    "model(images) without a modality). Use the adapter's own training images, never test images. "
-                    "Experts, decoder and backbone binding are copied unchanged.",
+                    "model(images) without a modality). Use the adapter's own training images, plus unlabelled "
+                    "images of each new site it should serve (a signature of one site loses that site's look-alikes "
+                    "to broader neighbours), never the images you will test on. Experts, decoder and backbone "
+                    "binding are copied unchanged.",
     )
     parser.add_argument("adapter", help="adapter file")
     add_data_arguments(parser, masks=False)
