@@ -23,7 +23,8 @@ def split_in_domain(pool: Sequence, seed: int, test_fraction: float = 0.3) -> tu
     """``(development, in-domain test)`` images of the training sites, split by group (:func:`sample_group`: a
     video's frames, a volume's slices stay on one side). The manifest's ``test`` hints are used when they split
     whole groups; hints that would put frames of one video on both sides are ignored (the test images would have
-    near-duplicates in training), and a random split of ``test_fraction`` of the groups is made instead."""
+    near-duplicates in training), and a random split of ``test_fraction`` of the groups is made instead (of the
+    images when all are one group)."""
     from .data import sample_group
 
     marked = [s for s in pool if getattr(s, "split_hint", "") == "test"]
@@ -33,6 +34,11 @@ def split_in_domain(pool: Sequence, seed: int, test_fraction: float = 0.3) -> tu
         if not any(sample_group(s) in test_groups for s in development):
             return development, marked
     groups = sorted({sample_group(s) for s in pool})
+    if len(groups) < 2:  # one video only: nothing to hold out whole, so its frames are split (they will leak)
+        groups = sorted({str(s.image) for s in pool})
+        random.Random(seed).shuffle(groups)
+        held = set(groups[: max(1, round(test_fraction * len(groups)))])
+        return [s for s in pool if str(s.image) not in held], [s for s in pool if str(s.image) in held]
     random.Random(seed).shuffle(groups)
     held = set(groups[: max(1, round(test_fraction * len(groups)))])
     return [s for s in pool if sample_group(s) not in held], [s for s in pool if sample_group(s) in held]
