@@ -72,8 +72,9 @@ def zoo_model():
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_zoo_adapters_recognise_held_out_images_of_every_shared_dataset(manifest_samples):
-    """README: top-1 93.7 % on 585 held-out images (eval-routing). Here a seeded sample of 12 per dataset, 12
-    datasets, the unseen sites included; the floor is below the measured value by the sampling spread."""
+    """README: top-1 98.9 % on 571 held-out images (eval-routing). Here a seeded sample of 12 per dataset, 12
+    datasets, the unseen sites and CHASE_DB1's unsigned children included; the floor is below the measured value by
+    the sampling spread."""
     from m4oe_adapters.data import read_image
     from m4oe_adapters.routing import route_images
     from m4oe_adapters.signatures import image_descriptors
@@ -85,9 +86,10 @@ def test_zoo_adapters_recognise_held_out_images_of_every_shared_dataset(manifest
     right = [d.nearest == EXPECTED[s.dataset] for s, d in zip(samples, decisions)]
     rejected = [d.unknown for d in decisions]
     assert len(samples) >= 120
-    assert np.mean(right) >= 0.88, f"top-1 {np.mean(right):.3f}"
+    assert np.mean(right) >= 0.95, f"top-1 {np.mean(right):.3f}"
     assert np.mean(rejected) <= 0.02, f"false rejection {np.mean(rejected):.3f}"
-    for dataset in ("DRIVE", "PH2", "BUSI", "HC18_fetal_head_US", "ISBI2012_EM", "COVID19_CT_MedSeg_InfNet"):
+    for dataset in ("DRIVE", "CHASE_DB1", "PH2", "BUSI", "HC18_fetal_head_US", "ISBI2012_EM", "COVID19_CT_MedSeg_InfNet",
+                    "CVC-ClinicDB"):
         own = [r for s, r in zip(samples, right) if s.dataset == dataset]
         assert all(own), f"{dataset}: {sum(own)}/{len(own)} routed to {EXPECTED[dataset]}"
 
