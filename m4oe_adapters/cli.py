@@ -13,7 +13,7 @@ import sys
 from .errors import M4oEError
 
 COMMANDS = ("inspect", "train", "eval", "predict", "pretrain", "bench", "zoo", "demo", "export-peft", "import-peft",
-            "backbone", "sign", "eval-routing", "serve", "serve-bench")
+            "backbone", "sign", "eval-routing", "train-gate", "serve", "serve-bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

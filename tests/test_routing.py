@@ -301,3 +301,30 @@ def test_eval_routing_reports_what_its_rows_say_and_compares_dice_three_ways(tmp
     assert set(summary["leave_one_out"]) == set(summary["adapters"])
     dice = summary["dice"]
     assert dice["images"] > 0 and all(0 <= dice[k] <= 1 for k in ("routed_mean", "true_mean", "soft_mean"))
+
+
+def test_gate_training_moves_only_router_keys_and_lowers_the_gate_loss():
+    """train_gate: the gate loss falls and every router key moves, while experts and decoders keep every bit (hard
+    routing gives the same output)."""
+    from conftest import tiny_model
+    from m4oe_adapters.gate_training import train_gate
+
+    model = tiny_model(modalities=("CT", "MRI"))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    images = {"CT": [(rng.normal(0.5, 0.3, (1, 64, 64)).astype(np.float32), {}) for _ in range(6)],
+              "MRI": [((np.sin(6 * xx + k) * np.cos(4 * yy))[None].astype(np.float32), {}) for k in range(6)]}
+    frozen = {key: tensor.clone() for name in ("CT", "MRI") for key, tensor in model.modality_tensors(name).items()
+              if "router_key" not in key}
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        hard_before = model(x, ["CT", "MRI"])
+    keys_before = {key: tensor.clone() for name in ("CT", "MRI") for key, tensor in model.modality_tensors(name).items()
+                   if "router_key" in key}
+    history = train_gate(model, images, steps=30, batch_size=4, lr=0.05, log=lambda _: None)
+    assert history[-1]["gate"] < 0.8 * history[0]["gate"] and 0 <= history[-1]["accuracy"] <= 1
+    after = {key: tensor for name in ("CT", "MRI") for key, tensor in model.modality_tensors(name).items()}
+    assert all(torch.equal(frozen[key], after[key]) for key in frozen)
+    assert not any(torch.equal(keys_before[key], after[key]) for key in keys_before)
+    with torch.no_grad():
+        assert torch.equal(model(x, ["CT", "MRI"]), hard_before)
