@@ -8,8 +8,8 @@ saw in training. Here the keys of all loaded adapters are trained together on im
 * plus ``balance`` × the Switch/Mixtral load-balancing loss, so that no expert is starved or takes every token.
 
 Only the keys change (each layer's ``router_key`` of each modality). Hard routing and the image-level router do not
-use them, so their outputs stay exactly as they were. The images are each adapter's own signature images (what it
-trained and validated on, plus any unlabelled images it was signed with; never test images): no label is read.
+use them, so their outputs stay exactly as they were. The images are those each adapter's signature was fitted on,
+within the datasets its provenance names (what it trained and validated on; never test images): no label is read.
 Unlike everything else about an adapter, trained keys depend on which adapters were trained together; the adapter
 records them (``provenance.gate``).
 """
