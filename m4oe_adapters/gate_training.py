@@ -57,6 +57,9 @@ def train_gate(
     gate and load-balancing losses; returns one row per step (``gate``, ``load_balance``; every 10th step also
     ``accuracy``, see :func:`gate_accuracy`).
 
+    Every parameter of ``model`` is left with ``requires_grad`` off (call :meth:`SegmentationModel.train_only`
+    to train a modality afterwards).
+
     Raises:
         ConfigError: fewer than two modalities, a modality not loaded, or one without images.
     """
