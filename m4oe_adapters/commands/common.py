@@ -117,3 +117,24 @@ def backbone_from_init_adapter(args: argparse.Namespace, zoo=None) -> None:
     args.backbone = args.backbone or reference["spec"]
     args.weights = args.weights or str(weights)
     args.in_chans = args.in_chans or metadata.get("in_chans")
+
+
+def add_adapter_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--adapter FILE`` (repeat) and ``--zoo FOLDER``, for commands that work on several adapters at once."""
+    parser.add_argument("--adapter", action="append", default=[], help="adapter file (repeat)")
+    parser.add_argument("--zoo", default=None, help="a zoo folder: every adapter in its index.json")
+
+
+def adapter_set(args: argparse.Namespace):
+    """``(adapter paths, backbone weights)`` of :func:`add_adapter_set_arguments`' options: the ``--adapter`` files,
+    then the zoo's, and ``args.weights`` or else the zoo's backbone folder."""
+    import json
+    from pathlib import Path
+
+    paths = [Path(p) for p in args.adapter]
+    weights = getattr(args, "weights", None)
+    if args.zoo:
+        index = json.loads((Path(args.zoo) / "index.json").read_text())
+        paths += [Path(args.zoo) / entry["file"] for entry in index["adapters"]]
+        weights = weights or str(Path(args.zoo) / index["backbone"]["path"])
+    return paths, weights

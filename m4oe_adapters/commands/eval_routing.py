@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .common import add_runtime_arguments, add_threads_argument, runtime_from_args
+from .common import (add_adapter_set_arguments, adapter_set, add_runtime_arguments, add_threads_argument,
+                     runtime_from_args)
 
 
 def register(subparsers) -> None:
@@ -17,8 +18,7 @@ def register(subparsers) -> None:
                     "adapter claims are 'no adapter' images that should come out unknown. Images a signature "
                     "was fitted on are skipped.",
     )
-    parser.add_argument("--adapter", action="append", default=[], help="adapter file (repeat)")
-    parser.add_argument("--zoo", default=None, help="a zoo folder: every adapter in its index.json")
+    add_adapter_set_arguments(parser)
     parser.add_argument("--data", default=None, help="manifest CSV or folder (default: $M4OE_DATA or ../shared/data)")
     parser.add_argument("--map", action="append", default=[], metavar="DATASET=MODALITY",
                         help="the images of DATASET belong to adapter MODALITY (repeat)")
@@ -44,7 +44,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from ..adapter_file import read_adapter
@@ -56,12 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from .data_args import default_data_root
 
     check_report_folder(args.out, args.overwrite)
-    paths = [Path(p) for p in args.adapter]
-    weights = args.weights
-    if args.zoo:
-        index = json.loads((Path(args.zoo) / "index.json").read_text())
-        paths += [Path(args.zoo) / entry["file"] for entry in index["adapters"]]
-        weights = weights or str(Path(args.zoo) / index["backbone"]["path"])
+    paths, weights = adapter_set(args)
     if not paths:
         raise ConfigError("give adapters with --adapter or --zoo")
     signatures, expected, files = {}, {}, {}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_runtime_arguments, add_threads_argument, runtime_from_args
+from .common import (add_adapter_set_arguments, adapter_set, add_runtime_arguments, add_threads_argument,
+                     runtime_from_args)
 
 
 def register(subparsers) -> None:
@@ -15,8 +16,7 @@ def register(subparsers) -> None:
                     "within the datasets its provenance names (its training and validation images; no label is read). Experts, decoders and signatures are "
                     "unchanged; the adapters are written again, with the trained keys, into --out.",
     )
-    parser.add_argument("--adapter", action="append", default=[], help="adapter file (repeat)")
-    parser.add_argument("--zoo", default=None, help="a zoo folder: every adapter in its index.json")
+    add_adapter_set_arguments(parser)
     parser.add_argument("--weights", default=None, help="backbone weights (default: the zoo's)")
     parser.add_argument("--data", default=None, help="manifest CSV or folder holding the adapters' images "
                         "(default: $M4OE_DATA or ../shared/data)")
@@ -33,7 +33,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from ..adapter_file import load_adapter, model_from_adapter, read_header, save_adapter
@@ -42,12 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..gate_training import signature_images, train_gate
     from .data_args import default_data_root
 
-    paths = [Path(p) for p in args.adapter]
-    weights = args.weights
-    if args.zoo:
-        index = json.loads((Path(args.zoo) / "index.json").read_text())
-        paths += [Path(args.zoo) / entry["file"] for entry in index["adapters"]]
-        weights = weights or str(Path(args.zoo) / index["backbone"]["path"])
+    paths, weights = adapter_set(args)
     if len(paths) < 2:
         raise ConfigError("give at least two adapters (--adapter, repeated, or --zoo)")
     out = Path(args.out)

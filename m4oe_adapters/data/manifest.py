@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import DataError
 from .errors import ManifestError, MaskError
-from .known_datasets import KNOWN_DATASETS, label_names
+from .known_datasets import KNOWN_DATASETS
 from .masks import read_mask
 from .readers import IMAGE_SUFFIXES_ALL, hdf5_shape, read_hdf5, read_image, read_volume, suffix, through_plane_axis
 
