@@ -1,11 +1,16 @@
-"""Few-label site adaptation, DRIVE → CHASE_DB1 (issue 14 item 5), resumable: one row per finished run.
+"""Few-label site adaptation, DRIVE → CHASE_DB1 or CVC-ClinicDB → Kvasir-SEG (issue 14 item 5), resumable.
 
     python examples/fewshot_sweep.py --source SOURCE.safetensors --out runs/fewshot_fundus [--seeds 0,1,2]
+    python examples/fewshot_sweep.py --task endoscopy --source ENDO.safetensors --out runs/fewshot_endoscopy
 
-* Backbone: the clean reference backbone (``adapters_zoo/backbone_clean``, never saw CHASE_DB1).
-* Split of CHASE_DB1 by child (both eyes of a child stay together): children 01–07 are the pool the k labelled
-  images are drawn from (``--shots k --seed s`` picks them), children 08–14 (14 images) are the test set, never
-  trained or validated on. The split is a manifest written into ``OUT`` that points at the shared data (no copy).
+* Backbone: the clean reference backbone (``adapters_zoo/backbone_clean``, never saw CHASE_DB1 or Kvasir-SEG).
+* ``--task endoscopy-reverse`` (Kvasir-SEG → CVC-ClinicDB): the frames of every third video sequence of
+  CVC-ClinicDB (3, 6, ..., 27) are the test set, the other 20 sequences the pool (split by video, never by frame).
+* ``--task fundus``: CHASE_DB1 split by child (both eyes of a child stay together): children 01–07 are the pool the
+  k labelled images are drawn from (``--shots k --seed s`` picks them), children 08–14 (14 images) are the test set,
+  never trained or validated on. ``--task endoscopy``: Kvasir-SEG (one image per patient, no grouping) sorted by
+  file name, every fifth image (200) is the test set, the other 800 the pool. The split is a manifest written into
+  ``OUT`` that points at the shared data (no copy).
 * Every mode runs the same fixed recipe (``--steps``, default 150, the recipe the source adapter was trained with):
   with k labels there is nothing left to stop on, so the step count is chosen beforehand, not on the test images.
 * Modes: ``experts`` starts from the source adapter (``--init``: the DRIVE-trained experts and decoder, recipe
@@ -29,25 +34,53 @@ BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "ada
 FIELDS = ["mode", "k", "seed", "dice", "dice_low", "dice_high", "hd95", "train_s", "eval_s", "test_images"]
 
 
-def write_split(data: Path, out: Path) -> Path:
-    """Manifest of CHASE_DB1 with split_hint train (children 01–07) / test (08–14), absolute paths."""
-    manifest = out / "chase_split.csv"
-    rows = [r for r in csv.DictReader(open(data / "manifest.csv", newline="")) if r["dataset"] == "CHASE_DB1"]
+def chase_is_test(rows: list[dict]) -> list[bool]:
+    """CHASE_DB1: children 08–14 test (``Image_08L.jpg`` → child 8)."""
+    return [int(Path(row["image"]).stem.split("_")[1][:2]) > 7 for row in rows]
+
+
+def kvasir_is_test(rows: list[dict]) -> list[bool]:
+    """Kvasir-SEG: every fifth image in file-name order is a test image."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["image"])
+    test = {index for rank, index in enumerate(order) if rank % 5 == 0}
+    return [i in test for i in range(len(rows))]
+
+
+def clinicdb_is_test(rows: list[dict]) -> list[bool]:
+    """CVC-ClinicDB: the frames of every third video sequence (3, 6, ..., 27: 9 of 29) are test frames."""
+    from m4oe_adapters.data.known_datasets import clinicdb_sequence
+
+    return [int(clinicdb_sequence(Path(row["image"])).rsplit(" ", 1)[1]) % 3 == 0 for row in rows]
+
+
+TASKS = {  # task: (new-site dataset, modality, split rule)
+    "fundus": ("CHASE_DB1", "fundus", chase_is_test),
+    "endoscopy": ("Kvasir-SEG", "endoscopy", kvasir_is_test),
+    "endoscopy-reverse": ("CVC-ClinicDB", "endoscopy", clinicdb_is_test),
+}
+
+
+def write_split(data: Path, out: Path, task: str) -> Path:
+    """Manifest of the task's new site with split_hint train (the label pool) / test, absolute paths."""
+    dataset, _, is_test = TASKS[task]
+    manifest = out / f"{dataset.lower()}_split.csv" if task != "fundus" else out / "chase_split.csv"
+    rows = [r for r in csv.DictReader(open(data / "manifest.csv", newline="")) if r["dataset"] == dataset]
     with open(manifest.with_suffix(".tmp"), "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["dataset", "modality", "site", "image", "mask", "split_hint"])
         writer.writeheader()
-        for row in rows:
-            child = int(Path(row["image"]).stem.split("_")[1][:2])
+        for row, test in zip(rows, is_test(rows)):
             writer.writerow({**row, "image": str((data / row["image"]).resolve()),
                              "mask": str((data / row["mask"]).resolve()),
-                             "split_hint": "train" if child <= 7 else "test"})
+                             "split_hint": "test" if test else "train"})
     os.replace(manifest.with_suffix(".tmp"), manifest)
     return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="DRIVE-trained fundus adapter on the clean backbone")
+    parser.add_argument("--task", choices=sorted(TASKS), default="fundus")
+    parser.add_argument("--source", required=True,
+                        help="source-site adapter on the clean backbone (DRIVE fundus, CVC-ClinicDB or Kvasir-SEG endoscopy)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
     parser.add_argument("--seeds", default="0,1,2")
@@ -57,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = write_split(Path(args.data), out)
+    manifest = write_split(Path(args.data), out, args.task)
+    modality = TASKS[args.task][1]
     results = out / "results.csv"
     done = set()
     if results.is_file():
@@ -78,7 +112,7 @@ def main() -> None:
         if mode != "zero-shot":
             adapter = out / f"{name}.safetensors"
             if not adapter.is_file():
-                cmd = m4oe + ["train", *BACKBONE, "--data", str(manifest), "--modality", "fundus", "--split", "train",
+                cmd = m4oe + ["train", *BACKBONE, "--data", str(manifest), "--modality", modality, "--split", "train",
                               "--mode", mode, "--steps", str(args.steps), "--seed", seed, "--no-progress",
                               "-o", str(adapter)]
                 if k != "all":
@@ -87,11 +121,11 @@ def main() -> None:
                     cmd += ["--val", "0"]
                 if mode == "experts":
                     cmd += ["--init", args.source]
-                else:
+                elif args.task == "fundus":  # the fundus recipe's native-resolution crops (the source's, inherited)
                     cmd += ["--resize", "crop"]
                 train_s = run(cmd, out / f"{name}.train.log")
         report = out / name
-        cmd = m4oe + ["eval", *BACKBONE, "--data", str(manifest), "--modality", "fundus", "--split", "test",
+        cmd = m4oe + ["eval", *BACKBONE, "--data", str(manifest), "--modality", modality, "--split", "test",
                       "--adapter", str(adapter), "--out", str(report), "--no-progress"]
         eval_s = run(cmd, out / f"{name}.eval.log")
         summary = json.load(open(report / "metrics.json"))["summary"][0]

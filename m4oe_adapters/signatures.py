@@ -27,6 +27,7 @@ tail beyond it). The default acceptance threshold, ``min_confidence``, is stored
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -45,7 +46,6 @@ DEFAULT_VIEWS = 8  # augmented views per training image
 DEFAULT_MIN_CONFIDENCE = 1e-3
 COMPONENTS = 32  # principal directions kept with their own variance; the rest gets a per-feature residual variance
 SHRINKAGE = 0.2  # covariance shrunk 20 % towards its diagonal: hundreds of views, a few hundred dimensions
-_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])[None, None] / 8
 
 
 # ---------------------------------------------------------------------------------------------- descriptors
@@ -81,15 +81,29 @@ def _thumbnail(image: torch.Tensor) -> torch.Tensor:
     image = image[:3] if image.shape[0] >= 3 else image[:1].repeat(3, 1, 1)
     flat = image.reshape(-1)
     flat = flat[:: max(1, flat.numel() // 300_000)]  # percentiles of a strided sample: same to < 1/256 on real images
-    low, high = torch.quantile(flat, 0.005), torch.quantile(flat, 0.995)
+    low, high = _percentile(flat, 0.005), _percentile(flat, 0.995)
     image = ((image - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
     return F.interpolate(image[None], size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE), mode="bilinear", antialias=True,
                          align_corners=False)[0]
 
 
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1-d tensor from a partial sort of the tail that holds
+    it: for q near 0 or 1 a few thousand values instead of sorting all of them (3× faster on a 512-px image)."""
+    count = values.numel()
+    position = torch.tensor(q, dtype=values.dtype) * (count - 1)  # in the values' dtype, as torch.quantile does
+    index = int(position.floor())
+    below, above = (index, min(index + 1, count - 1)) if q <= 0.5 else (count - 1 - index, max(count - 2 - index, 0))
+    tail = torch.topk(values, max(below, above) + 1, largest=q > 0.5, sorted=True).values
+    return torch.lerp(tail[below], tail[above], position - index)
+
+
 def _histogram(values: torch.Tensor, edges: list[float]) -> torch.Tensor:
-    dims = tuple(range(1, values.dim()))
-    return torch.stack([((values >= lo) & (values < hi)).float().mean(dims) for lo, hi in zip(edges, edges[1:])], 1)
+    """Share of each sample's values in ``[edges[i], edges[i + 1])`` (increasing edges; values outside every bin count
+    nowhere): ``[B, ...]`` → ``[B, len(edges) - 1]``, from one count of ``values >= edge`` per edge."""
+    flat = values.reshape(values.shape[0], -1)
+    at_least = torch.stack([(flat >= edge).float().sum(1) for edge in edges], 1)  # exact counts below 2^24
+    return (at_least[:, :-1] - at_least[:, 1:]) / flat.shape[1]
 
 
 def image_descriptors(thumbnails: torch.Tensor) -> torch.Tensor:
@@ -98,13 +112,13 @@ def image_descriptors(thumbnails: torch.Tensor) -> torch.Tensor:
     x = thumbnails.float()
     grey = x.mean(1, keepdim=True)
     chroma = x - grey
-    brightest, darkest = x.max(1, keepdim=True).values, x.min(1, keepdim=True).values
+    brightest, darkest = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     saturation = (brightest - darkest) / brightest.clamp_min(1e-3)
     lit = (grey > 0.1).float()
     weights = lit / lit.sum((2, 3), keepdim=True).clamp_min(1)
     chromaticity = ((x / x.sum(1, keepdim=True).clamp_min(1e-3)) * weights).sum((2, 3))
     parts = [
-        chroma.abs().mean((1, 2, 3))[:, None], chroma.mean((2, 3)), chroma.std((2, 3)),
+        chroma.abs().mean((1, 2, 3))[:, None], chroma.mean((2, 3)), _std(chroma),
         (grey < 0.05).float().mean((1, 2, 3))[:, None], (grey > 0.95).float().mean((1, 2, 3))[:, None],
         F.adaptive_avg_pool2d(grey, 4).reshape(batch, -1),
         F.adaptive_avg_pool2d((grey < 0.05).float(), 4).reshape(batch, -1),
@@ -113,43 +127,71 @@ def image_descriptors(thumbnails: torch.Tensor) -> torch.Tensor:
         _histogram(torch.where(lit > 0, saturation, torch.full_like(saturation, -1)), [0, .1, .2, .35, .5, .7, 1.01]),
         ((grey > 0.9) & (saturation < 0.2)).float().mean((1, 2, 3))[:, None],
     ]
-    sobel = _SOBEL.to(x.device)
     for scaled in (grey, F.avg_pool2d(grey, 2), F.avg_pool2d(grey, 4)):
-        gx = F.conv2d(scaled, sobel, padding=1)
-        gy = F.conv2d(scaled, sobel.transpose(2, 3), padding=1)
-        magnitude = (gx ** 2 + gy ** 2).sqrt()[..., 2:-2, 2:-2]
-        parts.append(_histogram(magnitude, [0, .005, .01, .02, .04, .08, .16, 10.0]))
-        variance = F.avg_pool2d(scaled ** 2, 5, 1) - F.avg_pool2d(scaled, 5, 1) ** 2
+        parts.append(_histogram(_sobel_magnitude(scaled), [0, .005, .01, .02, .04, .08, .16, 10.0]))
+        squares, means = _box_mean(torch.cat([scaled ** 2, scaled], 1), 5).split(1, 1)
+        variance = squares - means ** 2
         parts.append(variance.clamp_min(0).sqrt().mean((1, 2, 3))[:, None])
     # Finer layout (8×8 grey), the radial profile (circular fields of view), the power spectrum (speckle, smooth
     # MRI, membranes) and 4-neighbour sign patterns (local texture) at two scales.
     parts.append(F.adaptive_avg_pool2d(grey, 8).reshape(batch, -1))
-    radius, frequency = _grids(x.shape[-1], x.device)
-    rings = torch.linspace(0, 1, 9, device=x.device)
-    parts.append(torch.stack([(grey[:, 0] * ((radius >= lo) & (radius < hi + 1e-6))).sum((1, 2))
-                              / ((radius >= lo) & (radius < hi + 1e-6)).sum() for lo, hi in zip(rings, rings[1:])], 1))
+    rings, bands = _masks(x.shape[-1], str(x.device))
+    parts.append(grey[:, 0].reshape(batch, -1) @ rings)
     power = torch.fft.fft2(grey[:, 0] - grey[:, 0].mean((1, 2), keepdim=True)).abs() ** 2
-    bands = [0, .01, .02, .04, .06, .09, .13, .18, .25, .35, .5, .8]
-    band_power = torch.stack([(power * ((frequency >= lo) & (frequency < hi))).sum((1, 2))
-                              for lo, hi in zip(bands, bands[1:])], 1)
+    band_power = power.reshape(batch, -1) @ bands
     parts.append(torch.log(band_power / band_power.sum(1, keepdim=True).clamp_min(1e-12) + 1e-6) / 10)
     for scaled in (grey, F.avg_pool2d(grey, 2)):
         centre = scaled[..., 1:-1, 1:-1]
         neighbours = (scaled[..., :-2, 1:-1], scaled[..., 2:, 1:-1], scaled[..., 1:-1, :-2], scaled[..., 1:-1, 2:])
-        code = sum((n > centre + 0.01).long() << bit for bit, n in enumerate(neighbours))
-        parts.append(torch.stack([(code == value).float().mean((1, 2, 3)) for value in range(16)], 1))
+        code = sum((n > centre + 0.01).long() << bit for bit, n in enumerate(neighbours)).reshape(batch, -1)
+        offsets = torch.arange(batch, device=x.device)[:, None] * 16
+        counts = torch.bincount((code + offsets).reshape(-1), minlength=batch * 16).reshape(batch, 16)
+        parts.append(counts.float() / code.shape[1])
     return torch.cat(parts, 1).double()
 
 
-def _grids(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised distance from the centre (1 = the corner) and radial spatial frequency of a size×size grid."""
+def _sobel_magnitude(image: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude of the 3×3 Sobel filter (÷ 8) at pixels 2 or more from the border, ``[B, 1, h-4, w-4]``;
+    separable differences and sums (a 3×3 convolution is 10× slower on CPU for one channel)."""
+    difference = image[..., :, 2:] - image[..., :, :-2]
+    gx = (difference[..., :-2, :] + 2 * difference[..., 1:-1, :] + difference[..., 2:, :]) / 8
+    smooth = image[..., :, :-2] + 2 * image[..., :, 1:-1] + image[..., :, 2:]
+    gy = (smooth[..., 2:, :] - smooth[..., :-2, :]) / 8
+    return (gx ** 2 + gy ** 2).sqrt()[..., 1:-1, 1:-1]
+
+
+def _std(values: torch.Tensor) -> torch.Tensor:
+    """``values.std((2, 3))`` (unbiased), computed directly: torch's strided std is 15× slower on CPU."""
+    count = values.shape[2] * values.shape[3]
+    centred = values - values.mean((2, 3), keepdim=True)
+    return ((centred ** 2).sum((2, 3)) / (count - 1)).sqrt()
+
+
+def _box_mean(values: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.avg_pool2d(values, size, 1)`` from running sums in float64 (5× faster on CPU, as exact)."""
+    total = values.double().cumsum(-1)
+    total = torch.cat([total[..., size - 1 : size], total[..., size:] - total[..., :-size]], -1)
+    total = total.cumsum(-2)
+    total = torch.cat([total[..., size - 1 : size, :], total[..., size:, :] - total[..., :-size, :]], -2)
+    return (total / size ** 2).to(values.dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _masks(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[size², 8]`` ring weights (mean over each of 8 rings of the normalised distance from the centre, 1 = the
+    corner) and ``[size², 11]`` 0/1 masks of radial spatial-frequency bands, so both profiles are one matmul."""
     coordinates = torch.arange(size, dtype=torch.float32, device=device)
     y, x = torch.meshgrid(coordinates, coordinates, indexing="ij")
     centre = (size - 1) / 2
-    radius = ((y - centre) ** 2 + (x - centre) ** 2).sqrt() / (centre * 2 ** 0.5)
+    radius = (((y - centre) ** 2 + (x - centre) ** 2).sqrt() / (centre * 2 ** 0.5)).reshape(-1)
     fy, fx = torch.meshgrid(torch.fft.fftfreq(size, device=device), torch.fft.fftfreq(size, device=device),
                             indexing="ij")
-    return radius, (fy ** 2 + fx ** 2).sqrt()
+    frequency = (fy ** 2 + fx ** 2).sqrt().reshape(-1)
+    edges = torch.linspace(0, 1, 9, device=device)
+    rings = torch.stack([((radius >= lo) & (radius < hi + 1e-6)).float() for lo, hi in zip(edges, edges[1:])], 1)
+    bands = [0, .01, .02, .04, .06, .09, .13, .18, .25, .35, .5, .8]
+    band_masks = torch.stack([((frequency >= lo) & (frequency < hi)).float() for lo, hi in zip(bands, bands[1:])], 1)
+    return rings / rings.sum(0), band_masks
 
 
 def augmented_views(thumbnails: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -238,6 +238,34 @@ def test_signature_travels_in_the_adapter_file_and_sign_keeps_every_other_byte(t
     assert Path(signed).stat().st_size - (tmp_path / "plain.safetensors").stat().st_size <= 50_000
 
 
+def _descriptor_inputs() -> list[torch.Tensor]:
+    """A colour fundus-like disc, a grey textured slice in CT units, a flat frame with one block (any size)."""
+    generator = torch.Generator().manual_seed(7)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 300), torch.linspace(-1, 1, 260), indexing="ij")
+    disc = ((x ** 2 + y ** 2) < 0.8).float()
+    colour = torch.stack([disc * (0.6 + 0.3 * x), disc * (0.3 + 0.2 * torch.sin(9 * y)), disc * 0.1]) * 255
+    colour = colour + torch.rand(3, 300, 260, generator=generator) * 20
+    grey = (torch.sin(20 * x) * torch.cos(13 * y) + torch.randn(300, 260, generator=generator) * 0.3)[None] * 800 - 1000
+    flat = torch.full((1, 64, 64), 5.0)
+    flat[0, 10:20, 30:50] = 7.0
+    return [colour, grey, flat]
+
+
+def test_descriptors_match_the_version_the_stored_signatures_were_fitted_with():
+    """Signatures in adapter files are Gaussians over these descriptors (FEATURE_VERSION m4oe-descriptor-2): a change
+    to the descriptor code that moves them would silently mis-route every signed file. tests/data/descriptors_v2.npy
+    was written by the first implementation (before the speed-ups); a pixel that lands in the neighbouring histogram
+    bin through rounding moves one value by 1/6400 of a bin share at most."""
+    from m4oe_adapters.signatures import FEATURE_VERSION, image_descriptors
+
+    assert FEATURE_VERSION == "m4oe-descriptor-2"
+    reference = np.load(Path(__file__).parent / "data" / "descriptors_v2.npy")
+    descriptors = image_descriptors(routing_thumbnails(_descriptor_inputs())).numpy()
+    assert descriptors.shape == reference.shape == (3, 200)
+    np.testing.assert_allclose(descriptors, reference, rtol=0, atol=1e-4)
+    assert np.abs(descriptors - reference).mean() < 1e-6
+
+
 def test_routing_thumbnails_ignore_affine_intensity_presets():
     image = torch.rand(1, 3, 100, 120) * 255
     assert torch.allclose(routing_thumbnails(image), routing_thumbnails((image - 40) / 3.5), atol=1e-5)

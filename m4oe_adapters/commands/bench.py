@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the hard-routed model under torch.compile (inductor) and count recompilations "
                              "on modality switches (compiling takes minutes on a CPU)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="measure inference, routing, switching, loading and sizes only (the training steps take "
+                             "most of the run); the ratios that need training steps are left out")
     add_runtime_arguments(parser, precision=False)
     parser.add_argument("--out", default="bench.json", help="JSON report")
     add_threads_argument(parser)
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=None if args.weights == "none" else args.weights,
         model_args=args.model_args, img_size=args.img_size, batch=args.batch, rank=args.rank,
         experts=experts, repeats=args.repeats, quick=args.quick, compile=args.compile,
-        device=str(runtime_from_args(args)[0]),
+        device=str(runtime_from_args(args)[0]), training=not args.skip_training,
     )
     report["command"] = "m4oe " + " ".join(args.argv)
     print(format_report(report))
