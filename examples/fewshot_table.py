@@ -2,6 +2,7 @@
 interval of that mean (t distribution over the seeds), and Dice against k per mode.
 
     python examples/fewshot_table.py runs/fewshot_fundus [--png docs/fewshot_fundus.png]
+    python examples/fewshot_table.py runs/fewshot_endoscopy --title "CVC-ClinicDB → Kvasir-SEG" --png docs/...
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--png", default=None)
+    parser.add_argument("--title", default="DRIVE → CHASE_DB1, labelled images of the new site")
     args = parser.parse_args()
     rows = list(csv.DictReader(open(Path(args.folder) / "results.csv")))
     table = summarise(rows)
@@ -89,8 +91,9 @@ def main() -> None:
         if ("zero-shot", "0") in table:
             axis.axhline(table[("zero-shot", "0")][0] * 100, color="grey", linestyle="--", label="zero-shot")
         axis.set_xticks(list(positions.values()), [f"k={k}" for k in ks])
-        axis.set_ylabel("Dice on 14 held-out images (%)")
-        axis.set_title("DRIVE → CHASE_DB1, labelled images of the new site")
+        test_images = rows[0]["test_images"]
+        axis.set_ylabel(f"Dice on {test_images} held-out images (%)")
+        axis.set_title(args.title)
         axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(args.png, dpi=120)

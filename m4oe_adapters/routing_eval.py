@@ -22,7 +22,7 @@ from .routing import route_images
 from .signatures import ImageSignature, image_descriptors, image_hash, routing_thumbnails
 
 SYNTHETIC_UNKNOWNS = ("uniform noise", "blank frame", "grey ramp", "checkerboard")
-SWEEP = (1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 1e-15)  # thresholds whose false rejection / unknown rates are reported
+SWEEP = (0.1, 0.05, 0.03, 0.02, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 1e-15)  # thresholds whose false rejection / unknown rates are reported
 
 
 @dataclass
