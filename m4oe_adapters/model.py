@@ -20,7 +20,7 @@ from .decoder import ModalityDecoder
 from .errors import ConfigError, UnknownImageError
 from .experts import ModalityExpertLinear
 from .injection import inject_experts
-from .routing import RoutingDecision, RoutingState, route_images
+from .routing import RoutingDecision, RoutingState, route_images, route_volumes
 from .signatures import ImageSignature, image_descriptors, routing_thumbnails
 
 EXPERT_TENSORS = ("lora_A", "lora_B", "router_key")
@@ -184,6 +184,19 @@ class SegmentationModel(nn.Module):
 
         Only adapters with a signature take part. Costs one 160-px thumbnail per image, no backbone pass.
         """
+        candidates = self._signed_adapters()
+        descriptors = image_descriptors(routing_thumbnails(images))
+        return route_images(candidates, descriptors, min_confidence)
+
+    def route_volume(self, slices, min_confidence: float | None = None) -> RoutingDecision:
+        """One decision for a whole volume from some or all of its slices (``[S, C, H, W]`` or a list of
+        ``[C, H, W]``): each adapter's median score over the slices, so every slice of a scan goes to the same
+        adapter and a few atypical slices do not decide it (:func:`~m4oe_adapters.routing.route_volumes`)."""
+        candidates = self._signed_adapters()
+        descriptors = image_descriptors(routing_thumbnails(slices))
+        return route_volumes(candidates, [descriptors], min_confidence)[0]
+
+    def _signed_adapters(self) -> dict:
         candidates = {name: self.signatures[name] for name in self.modalities if name in self.signatures}
         if not candidates:
             loaded = ", ".join(self.modalities) or "none"
@@ -191,8 +204,7 @@ class SegmentationModel(nn.Module):
                 f"none of the loaded adapters ({loaded}) has a routing signature: give the modality, or add one "
                 "with `m4oe sign ADAPTER --data ...` (adapters trained by m4oe train get one automatically)"
             )
-        descriptors = image_descriptors(routing_thumbnails(images))
-        return route_images(candidates, descriptors, min_confidence)
+        return candidates
 
     def _require(self, name: str) -> None:
         if name not in self.modalities:

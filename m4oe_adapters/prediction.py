@@ -22,6 +22,7 @@ import torch
 
 from .errors import ConfigError, DataError, M4oEError
 from .model import SegmentationModel
+from .routing import volume_routing_indices
 from .scale import predict_mask_at_scale
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
@@ -65,8 +66,11 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def choose_modality(model: SegmentationModel, requested: str | None, meta: dict, raw: np.ndarray | None = None,
-                    min_confidence: float | None = None) -> tuple[str | None, str, float | None]:
-    """``(modality or None for unknown, how it was chosen, routing confidence)`` for one raw ``[C, H, W]`` image."""
+                    min_confidence: float | None = None, volume: Sequence[np.ndarray] | None = None
+                    ) -> tuple[str | None, str, float | None]:
+    """``(modality or None for unknown, how it was chosen, routing confidence)`` for one raw ``[C, H, W]`` image, or
+    for a volume from some of its ``[1, H, W]`` slices (``volume``: routed as a whole, see
+    :meth:`SegmentationModel.route_volume`)."""
     if requested:
         model._require(requested)
         return requested, "given", None
@@ -78,13 +82,16 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
                 return name, "dicom tag", None
     if len(model.modalities) == 1:
         return next(iter(model.modalities)), "only adapter", None
-    if raw is None or not model.signatures:
+    if (raw is None and volume is None) or not model.signatures:
         raise DataError(
             f"cannot tell the modality of {meta.get('source', 'this image')}: no loaded adapter has a routing "
             f"signature (add one with `m4oe sign`) and no DICOM tag names one; pass --modality, one of "
             f"{list(model.modalities)}"
         )
-    decision = model.route([raw], min_confidence)[0]
+    if volume is not None:
+        decision = model.route_volume(list(volume), min_confidence)
+    else:
+        decision = model.route([raw], min_confidence)[0]
     return decision.modality, "router", decision.confidence
 
 
@@ -181,8 +188,8 @@ def predict_files(
 
     Volumes (NIfTI, NRRD, 3D HDF5) are segmented slice by slice along ``slice_axis`` (``None``: the through-plane
     axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
-    (identity for HDF5, which has none); a volume is routed by its middle slice; its overlay shows a few slices in
-    one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette PNG of class ids (see
+    (identity for HDF5, which has none); a volume is routed as a whole, by up to 16 evenly spaced slices; its
+    overlay shows a few slices in one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette PNG of class ids (see
     :func:`~.data.write_mask`). ``device``/``precision``: see :func:`predict_array` (the model must already be on
     ``device``).
 
@@ -226,8 +233,9 @@ def predict_files(
                 if not 0 <= axis < volume.ndim:
                     raise DataError(f"{source}: slice axis {axis} does not exist in a volume of shape {volume.shape}")
                 slices = np.moveaxis(np.asarray(volume, dtype=np.float32), axis, 0)
-                middle = slices[len(slices) // 2][None]
-                chosen, how, confidence = choose_modality(model, modality, {"source": source}, middle, min_confidence)
+                routing_slices = [slices[index][None] for index in volume_routing_indices(len(slices))]
+                chosen, how, confidence = choose_modality(model, modality, {"source": source}, None, min_confidence,
+                                                          volume=routing_slices)
                 if chosen is None:
                     results.append(_unknown(source, confidence))
                     continue

@@ -5,7 +5,8 @@ modality is given): each loaded adapter's :class:`~m4oe_adapters.signatures.Imag
 own; the image goes to the adapter with the lowest *relative* score (score over that adapter's median held-out
 calibration score), and is **unknown** when that adapter's confidence is under the threshold (its stored
 ``min_confidence``, or the caller's). An adapter's scores depend only on its own signature, so loading or removing
-another adapter can change which adapter wins but never another adapter's scores.
+another adapter can change which adapter wins but never another adapter's scores. A volume goes to one adapter as a
+whole (:func:`route_volumes`: each adapter's median score over its slices).
 
 **Token-level routing** inside the backbone:
 
@@ -26,12 +27,12 @@ Two modes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 @dataclass
@@ -166,14 +167,48 @@ def route_images(signatures: Mapping, descriptors: torch.Tensor, min_confidence:
 
     Returns: one :class:`RoutingDecision` per image.
     """
+    return decide(signatures, signature_scores(signatures, descriptors), min_confidence)
+
+
+def route_volumes(signatures: Mapping, volumes: Sequence[torch.Tensor], min_confidence: float | None = None
+                  ) -> list[RoutingDecision]:
+    """One decision per volume (or any group of images that must go to one adapter): ``volumes`` holds a
+    ``[S, D]`` descriptor stack per volume (some or all of its slices). Each adapter's score of a volume is the
+    median of its slices' scores, so a few atypical slices (the apex of a heart, the ends of a scan, a blank slice)
+    neither split a volume between adapters nor decide it. A volume of one slice is routed exactly as that image."""
+    if not volumes:
+        raise DataError("no volumes to route")
+    scores = torch.stack([signature_scores(signatures, stack).median(0).values for stack in volumes])
+    return decide(signatures, scores, min_confidence)
+
+
+VOLUME_ROUTING_SLICES = 16  # slices of a volume that route it, evenly spaced over all of them
+
+
+def volume_routing_indices(count: int, wanted: int = VOLUME_ROUTING_SLICES) -> list[int]:
+    """Indices of the slices that route a volume of ``count`` slices: all of them up to ``wanted``, else ``wanted``
+    evenly spaced from the first to the last."""
+    if count <= wanted:
+        return list(range(count))
+    return sorted({round(index * (count - 1) / (wanted - 1)) for index in range(wanted)})
+
+
+def signature_scores(signatures: Mapping, descriptors: torch.Tensor) -> torch.Tensor:
+    """``[B, E]`` score of every image under every signature (in ``signatures``' order; lower is closer). An
+    adapter's column depends on its own signature only."""
     if not signatures:
         raise ConfigError("no loaded adapter has a routing signature; fit one (m4oe sign) or give the modality")
+    return torch.stack([signature.score(descriptors) for signature in signatures.values()], 1)
+
+
+def decide(signatures: Mapping, scores: torch.Tensor, min_confidence: float | None = None) -> list[RoutingDecision]:
+    """Decisions from a ``[B, E]`` score matrix (columns in ``signatures``' order): the adapter with the lowest
+    score relative to its own calibration, accepted when its confidence reaches the threshold."""
     names = list(signatures)
-    scores = torch.stack([signatures[name].score(descriptors) for name in names], 1)  # [B, E]
     relative = torch.stack([signatures[name].relative_score(scores[:, i]) for i, name in enumerate(names)], 1)
     confidence = torch.stack([signatures[name].confidence(scores[:, i]) for i, name in enumerate(names)], 1)
     decisions = []
-    for row in range(descriptors.shape[0]):
+    for row in range(scores.shape[0]):
         best = int(relative[row].argmin())
         name = names[best]
         threshold = signatures[name].min_confidence if min_confidence is None else float(min_confidence)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .routing import route_images
+from .routing import decide, signature_scores, volume_routing_indices
 from .signatures import ImageSignature, image_descriptors, image_hash, routing_thumbnails
 
 SYNTHETIC_UNKNOWNS = ("uniform noise", "blank frame", "grey ramp", "checkerboard")
@@ -31,6 +31,7 @@ class RoutedImage:
     dataset: str
     expected: str | None  # the adapter it belongs to; None: no loaded adapter is made for it
     descriptor: torch.Tensor
+    volume: torch.Tensor | None = None  # a slice: its volume's routing slices [S, D], which decide it (as predict does)
 
 
 def synthetic_unknowns(count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -84,12 +85,36 @@ def describe_samples(samples: Sequence, expected: Mapping[str, str | None], sign
         from tqdm import tqdm
 
         iterator = tqdm(chosen, desc="describing images", unit="image")
+    volumes: dict[tuple[str, int], torch.Tensor] = {}
     for sample in iterator:
-        record = read_image(sample.image, slice_axis=getattr(sample, "slice_axis", 2), slice_index=sample.slice_index)
+        axis = getattr(sample, "slice_axis", 2)
+        record = read_image(sample.image, slice_axis=axis, slice_index=sample.slice_index)
         descriptor = image_descriptors(routing_thumbnails(record.array))[0]
         source = str(sample.image) + ("" if sample.slice_index is None else f"#slice{sample.slice_index}")
-        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), descriptor))
+        volume = None
+        if sample.slice_index is not None and "volume_shape" in record.meta:  # routed with its whole volume
+            key = (str(sample.image), record.meta["slice_axis"])
+            if key not in volumes:
+                volumes[key] = image_descriptors(routing_thumbnails(volume_routing_slices(sample, record.meta)))
+            volume = volumes[key]
+        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), descriptor, volume))
     return routed
+
+
+def image_scores(signatures: Mapping[str, ImageSignature], images: Sequence[RoutedImage]) -> torch.Tensor:
+    """``[images, adapters]`` scores: an image's own, or for a slice of a volume its volume's (each adapter's
+    median over the volume's routing slices, :func:`~m4oe_adapters.routing.route_volumes`)."""
+    plain = signature_scores(signatures, torch.stack([image.descriptor for image in images]))
+    by_volume: dict[int, torch.Tensor] = {}
+    rows = []
+    for index, image in enumerate(images):
+        if image.volume is None:
+            rows.append(plain[index])
+            continue
+        if id(image.volume) not in by_volume:
+            by_volume[id(image.volume)] = signature_scores(signatures, image.volume).median(0).values
+        rows.append(by_volume[id(image.volume)])
+    return torch.stack(rows)
 
 
 def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[RoutedImage],
@@ -99,8 +124,8 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
     Returns: a JSON-able report (``rows``: one per image with the decision and every adapter's confidence).
     """
     names = list(signatures)
-    descriptors = torch.stack([image.descriptor for image in images])
-    decisions = route_images(signatures, descriptors, min_confidence)
+    scores = image_scores(signatures, images)  # an adapter's column depends on its signature only
+    decisions = decide(signatures, scores, min_confidence)
     rows, confusion = [], {}
     for image, decision in zip(images, decisions):
         chosen = decision.modality or "unknown"
@@ -115,12 +140,17 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
     accepted_correct = sum(decision.modality == image.expected for image, decision in known)
     rejected = sum(decision.unknown for _, decision in known)
     leave_one_out = {}
+    def without(name: str, rows: list[int], threshold: float | None) -> list:
+        """Decisions for ``rows`` with adapter ``name`` left out: its column dropped."""
+        others = {other: signatures[other] for other in names if other != name}
+        columns = [names.index(other) for other in others]
+        return decide(others, scores[rows][:, columns], threshold)
+
     for name in names:
         own = [i for i, image in enumerate(images) if image.expected == name]
-        others = {other: signatures[other] for other in names if other != name}
-        if not own or not others:
+        if not own or len(names) < 2:
             continue
-        left = route_images(others, descriptors[own], min_confidence)
+        left = without(name, own, min_confidence)
         leave_one_out[name] = {"images": len(own), "flagged_unknown": sum(d.unknown for d in left),
                                "sent_to": _counts(d.modality for d in left if not d.unknown)}
     flagged = sum(v["flagged_unknown"] for v in leave_one_out.values())
@@ -134,14 +164,13 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
         entry["rejected"] += int(decision.unknown)
     sweep = []
     for threshold in SWEEP:
-        strict = route_images(signatures, descriptors, threshold)
+        strict = decide(signatures, scores, threshold)
         own = [d.unknown for image, d in zip(images, strict) if image.expected in signatures]
         left_out = []
         for name in names:
             rows_of = [i for i, image in enumerate(images) if image.expected == name]
-            others = {other: signatures[other] for other in names if other != name}
-            if rows_of and others:
-                left_out += [d.unknown for d in route_images(others, descriptors[rows_of], threshold)]
+            if rows_of and len(names) > 1:
+                left_out += [d.unknown for d in without(name, rows_of, threshold)]
         no_adapter = [d.unknown for image, d in zip(images, strict) if image.expected not in signatures]
         sweep.append({"min_confidence": threshold, "false_rejection_rate": float(np.mean(own)) if own else None,
                       "leave_one_out_unknown_rate": float(np.mean(left_out)) if left_out else None,
@@ -164,6 +193,29 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
         "confusion": confusion,
         "rows": rows,
     }
+
+
+def volume_routing_slices(sample, meta: dict) -> list[np.ndarray] | None:
+    """The slices that route ``sample``'s volume in ``m4oe predict`` (``meta``: the sample's slice as
+    :func:`~m4oe_adapters.data.read_image` read it); ``None`` for a 2D image."""
+    from .data import read_image
+
+    if sample.slice_index is None or "volume_shape" not in meta:
+        return None
+    count = meta["volume_shape"][meta["slice_axis"]]
+    return [read_image(sample.image, slice_axis=getattr(sample, "slice_axis", 2), slice_index=index).array
+            for index in volume_routing_indices(count)]
+
+
+def _route_sample(model, sample, raw: np.ndarray, min_confidence: float | None):
+    """The decision ``m4oe predict`` makes for this sample: its own for an image, its volume's for a slice."""
+    from .data import read_image
+
+    meta = read_image(sample.image, slice_axis=getattr(sample, "slice_axis", 2), slice_index=sample.slice_index).meta
+    slices = volume_routing_slices(sample, meta)
+    if slices is None:
+        return model.route([raw], min_confidence)[0]
+    return model.route_volume(slices, min_confidence)
 
 
 def _counts(values) -> dict[str, int]:
@@ -318,7 +370,7 @@ def routed_dice(files: Mapping[str, Path], weights, samples: Sequence, expected:
     for name, sample in iterator:
         raw, label, meta = load_pair(sample)
         classes = model.modalities[name].num_classes
-        decision = model.route([raw], min_confidence)[0]
+        decision = _route_sample(model, sample, raw, min_confidence)
         true_mask = predict_array(model, raw, name, meta, **run)
         true_dice = _mean_dice(score_mask(true_mask, label, classes))
         if decision.unknown:

@@ -203,6 +203,32 @@ def test_the_router_is_given_the_raw_image_and_its_decision_is_reported(server, 
                                                                   "scores": {"MRI": 0.7, "CT": 0.1}}
 
 
+def test_a_volume_without_a_modality_is_routed_once_as_a_whole(server, reference, monkeypatch):
+    """A NIfTI volume goes to one adapter, decided by ``SegmentationModel.route_volume`` over its evenly spaced
+    slices (not by one slice): every slice of the mask comes from that adapter."""
+    import nibabel
+
+    model, _ = reference
+    service = server.service
+    calls = []
+
+    def route_volume(routed_model, slices, min_confidence=None):
+        calls.append([tuple(s.shape) for s in slices])
+        return SimpleNamespace(modality="MRI", confidence=0.6, scores={"MRI": 0.6, "CT": 0.2})
+
+    monkeypatch.setattr(type(service.model), "route_volume", route_volume, raising=False)
+    volume = np.random.default_rng(5).random((32, 24, 20)).astype(np.float32) * 500
+    data = nibabel.Nifti1Image(volume, np.eye(4)).to_bytes()
+    with server.client() as client:
+        answer = client.post("/v1/segment", content=data).json()
+    assert len(calls) == 1 and len(calls[0]) == 16 and set(calls[0]) == {(1, 32, 24)}  # 16 of the 20 slices
+    assert answer["modality"] == "MRI" and answer["routing"]["by"] == "router"
+    result = np.asarray(nibabel.Nifti1Image.from_bytes(mask_of(answer)).dataobj)
+    for index in (0, 19):
+        expected = predict_array(model, volume[None, :, :, index], "MRI", {"dtype": "float32"})
+        np.testing.assert_array_equal(result[:, :, index], expected)
+
+
 def test_the_router_decides_without_a_modality_and_unknown_is_a_422(server, reference, monkeypatch):
     """A stand-in for ``SegmentationModel.route`` decides by image width (routing quality is tested on real images
     in tests/test_routing.py); the service must follow it and answer unknown with a 422."""

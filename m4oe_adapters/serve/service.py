@@ -70,8 +70,9 @@ class Segmentation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _route(model: SegmentationModel, raw: np.ndarray, meta: dict[str, Any]):
-    """The image-level router's :class:`~m4oe_adapters.routing.RoutingDecision` for one raw ``[C, H, W]`` image
+def _route(model: SegmentationModel, images: list[np.ndarray]):
+    """The image-level router's :class:`~m4oe_adapters.routing.RoutingDecision` for an upload: one raw ``[C, H, W]``
+    image, or the slices of a volume or DICOM series, routed as a whole by up to 16 evenly spaced slices
     (``modality`` ``None`` = unknown). The caller holds the model lock.
 
     Raises:
@@ -80,8 +81,12 @@ def _route(model: SegmentationModel, raw: np.ndarray, meta: dict[str, Any]):
     """
     from ..errors import M4oEError
 
+    from ..routing import volume_routing_indices
+
     try:
-        return model.route([raw])[0]
+        if len(images) == 1:
+            return model.route(images)[0]
+        return model.route_volume([images[index] for index in volume_routing_indices(len(images))])
     except M4oEError as error:
         raise RoutingUnavailable(f"no modality given and the router cannot decide: {error}") from None
 
@@ -248,7 +253,7 @@ class Service:
                 except UnknownModality:
                     pass  # removed meanwhile: the router decides
         with self.batcher.lock:  # the router runs the backbone: no batch may run meanwhile
-            decision = _route(self.model, upload.images[middle], upload.metas[middle])
+            decision = _route(self.model, upload.images)
         scores: dict[str, float] = {}
         for slot, score in dict(getattr(decision, "scores", {}) or {}).items():
             served = self.registry.by_slot(slot)
