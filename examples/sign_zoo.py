@@ -4,7 +4,8 @@ rewrite ``index.json`` with the new file hashes.
     python examples/sign_zoo.py --zoo adapters_zoo [--data ../shared/data] [--broaden]
 
 Each signature is refitted on the images it was fitted on before (found by the content hashes the file stores: the
-zoo builder's development split, what the adapter trained and validated on). With ``--broaden``, unlabelled images
+zoo builder's development split, what the adapter trained and validated on, and any unlabelled images an earlier
+``--broaden`` added), so running it again after a change to the signature fitting refits the same images. With ``--broaden``, unlabelled images
 of more of the modality are added where one site's few images made the signature too narrow (measured in the
 README, "A new site's unlabelled images fix its routing"):
 
@@ -47,20 +48,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     zoo = Path(args.zoo)
     samples = read_manifest(Path(args.data) / "manifest.csv", nonempty_slices=True)
+    hashes = [image_hash(s.image, s.slice_index) for s in samples]
     index = json.loads((zoo / "index.json").read_text())
     for entry in index["adapters"]:
         name, path = entry["modality"], zoo / entry["file"]
         metadata, _ = read_header(path)
-        wanted = set(metadata["routing"]["image_hashes"])
-        datasets = set(metadata["provenance"].get("datasets", []))
-        own = [s for s in samples if s.dataset in datasets and image_hash(s.image, s.slice_index) in wanted]
-        found = {image_hash(s.image, s.slice_index) for s in own}
+        wanted = set(metadata["routing"]["image_hashes"])  # what it was signed on (unlabelled additions included)
+        own = [s for s, h in zip(samples, hashes) if h in wanted]
+        found = {h for h in hashes if h in wanted}
         if found != wanted:
             raise SystemExit(f"{path}: {len(wanted - found)} of its signature's images are not in {args.data}")
-        extra = broader(name, samples) if args.broaden else []
+        extra = [s for s in broader(name, samples) if image_hash(s.image, s.slice_index) not in wanted] \
+            if args.broaden else []
         signature = signature_from_samples(own + extra, seed=0)
         sign_adapter(path, signature, path, overwrite=True)
-        print(f"{name}: signature from {signature.images} images ({len(found)} it trained and validated on"
+        print(f"{name}: signature from {signature.images} images ({len(found)} it was signed on before"
               f"{f', {signature.images - len(found)} unlabelled added' if extra else ''}), {path.stat().st_size} bytes",
               flush=True)
     write_index(zoo, index["backbone"], [zoo / entry["file"] for entry in index["adapters"]])

@@ -20,8 +20,8 @@ from .decoder import ModalityDecoder
 from .errors import ConfigError, UnknownImageError
 from .experts import ModalityExpertLinear
 from .injection import inject_experts
-from .routing import RoutingDecision, RoutingState, route_images, route_volumes
-from .signatures import ImageSignature, image_descriptors, routing_thumbnails
+from .routing import RoutingDecision, RoutingState, route_views, route_volumes
+from .signatures import ImageSignature, routing_descriptors
 
 EXPERT_TENSORS = ("lora_A", "lora_B", "router_key")
 
@@ -182,19 +182,18 @@ class SegmentationModel(nn.Module):
                 ``[C, H, W]`` arrays of different sizes.
             min_confidence: acceptance threshold in [0, 1] (default: each adapter's stored one).
 
-        Only adapters with a signature take part. Costs one 160-px thumbnail per image, no backbone pass.
+        Only adapters with a signature take part. Costs one 160-px thumbnail per image (two for an image framed by
+        a constant-colour border: with and without it, each adapter keeps its better fit), no backbone pass.
         """
         candidates = self._signed_adapters()
-        descriptors = image_descriptors(routing_thumbnails(images))
-        return route_images(candidates, descriptors, min_confidence)
+        return route_views(candidates, routing_descriptors(images), min_confidence)
 
     def route_volume(self, slices, min_confidence: float | None = None) -> RoutingDecision:
         """One decision for a whole volume from some or all of its slices (``[S, C, H, W]`` or a list of
         ``[C, H, W]``): each adapter's median score over the slices, so every slice of a scan goes to the same
         adapter and a few atypical slices do not decide it (:func:`~m4oe_adapters.routing.route_volumes`)."""
         candidates = self._signed_adapters()
-        descriptors = image_descriptors(routing_thumbnails(slices))
-        return route_volumes(candidates, [descriptors], min_confidence)[0]
+        return route_volumes(candidates, [routing_descriptors(slices)], min_confidence)[0]
 
     def _signed_adapters(self) -> dict:
         candidates = {name: self.signatures[name] for name in self.modalities if name in self.signatures}

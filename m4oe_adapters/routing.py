@@ -1,8 +1,8 @@
 """Where routing happens: which adapter each image goes to, and which expert(s) each token goes through.
 
-**Image-level routing** (:func:`route_images`, used by ``SegmentationModel.route`` and by ``model(images)`` when no
-modality is given): each loaded adapter's :class:`~m4oe_adapters.signatures.ImageSignature` scores every image on its
-own; the image goes to the adapter with the lowest *relative* score (score over that adapter's median held-out
+**Image-level routing** (:func:`route_images`; :func:`route_views` for an image and its unframed view, used by
+``SegmentationModel.route`` and by ``model(images)`` when no modality is given): each loaded adapter's
+:class:`~m4oe_adapters.signatures.ImageSignature` scores every image on its own; the image goes to the adapter with the lowest *relative* score (score over that adapter's median held-out
 calibration score), and is **unknown** when that adapter's confidence is under the threshold (its stored
 ``min_confidence``, or the caller's). An adapter's scores depend only on its own signature, so loading or removing
 another adapter can change which adapter wins but never another adapter's scores. A volume goes to one adapter as a
@@ -170,16 +170,36 @@ def route_images(signatures: Mapping, descriptors: torch.Tensor, min_confidence:
     return decide(signatures, signature_scores(signatures, descriptors), min_confidence)
 
 
-def route_volumes(signatures: Mapping, volumes: Sequence[torch.Tensor], min_confidence: float | None = None
-                  ) -> list[RoutingDecision]:
-    """One decision per volume (or any group of images that must go to one adapter): ``volumes`` holds a
-    ``[S, D]`` descriptor stack per volume (some or all of its slices). Each adapter's score of a volume is the
-    median of its slices' scores, so a few atypical slices (the apex of a heart, the ends of a scan, a blank slice)
-    neither split a volume between adapters nor decide it. A volume of one slice is routed exactly as that image."""
+def route_views(signatures: Mapping, stacks: Sequence[torch.Tensor], min_confidence: float | None = None
+                ) -> list[RoutingDecision]:
+    """Like :func:`route_images`, for images given as ``[V, D]`` stacks of views of themselves
+    (:func:`~m4oe_adapters.signatures.routing_descriptors`: the image, and the image without its frame): each
+    adapter scores an image by its best-fitting view."""
+    return decide(signatures, view_scores(signatures, stacks), min_confidence)
+
+
+def route_volumes(signatures: Mapping, volumes: Sequence[Sequence[torch.Tensor] | torch.Tensor],
+                  min_confidence: float | None = None) -> list[RoutingDecision]:
+    """One decision per volume (or any group of images that must go to one adapter). Each volume is given by some or
+    all of its slices: a list of ``[V, D]`` view stacks (one per slice), or a ``[S, D]`` tensor (one view each).
+    Each adapter's score of a volume is the median of its slices' scores, so a few atypical slices (the apex of a
+    heart, the ends of a scan, a blank slice) neither split a volume between adapters nor decide it. A volume of one
+    slice is routed exactly as that image."""
     if not volumes:
         raise DataError("no volumes to route")
-    scores = torch.stack([signature_scores(signatures, stack).median(0).values for stack in volumes])
+    scores = torch.stack([view_scores(signatures, list(volume[:, None]) if torch.is_tensor(volume) else volume)
+                          .median(0).values for volume in volumes])
     return decide(signatures, scores, min_confidence)
+
+
+def view_scores(signatures: Mapping, stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[B, E]`` scores of images given as ``[V, D]`` view stacks: each adapter's best (lowest) score over an
+    image's views."""
+    if not stacks:
+        raise DataError("no images to route")
+    counts = [stack.shape[0] for stack in stacks]
+    scores = signature_scores(signatures, torch.cat(list(stacks)))
+    return torch.stack([part.min(0).values for part in scores.split(counts)])
 
 
 VOLUME_ROUTING_SLICES = 16  # slices of a volume that route it, evenly spaced over all of them

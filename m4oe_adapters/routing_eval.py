@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .routing import decide, signature_scores, volume_routing_indices
-from .signatures import ImageSignature, image_descriptors, image_hash, routing_thumbnails
+from .routing import decide, view_scores, volume_routing_indices
+from .signatures import ImageSignature, image_hash, routing_descriptors
 
 SYNTHETIC_UNKNOWNS = ("uniform noise", "blank frame", "grey ramp", "checkerboard")
 SWEEP = (0.1, 0.05, 0.03, 0.02, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 1e-15)  # thresholds whose false rejection / unknown rates are reported
@@ -30,8 +30,8 @@ class RoutedImage:
     source: str
     dataset: str
     expected: str | None  # the adapter it belongs to; None: no loaded adapter is made for it
-    descriptor: torch.Tensor
-    volume: torch.Tensor | None = None  # a slice: its volume's routing slices [S, D], which decide it (as predict does)
+    views: torch.Tensor  # [V, D]: signatures.routing_descriptors of the image
+    volume: list[torch.Tensor] | None = None  # a slice: its volume's routing slices (view stacks), which decide it
 
 
 def synthetic_unknowns(count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -89,22 +89,22 @@ def describe_samples(samples: Sequence, expected: Mapping[str, str | None], sign
     for sample in iterator:
         axis = getattr(sample, "slice_axis", 2)
         record = read_image(sample.image, slice_axis=axis, slice_index=sample.slice_index)
-        descriptor = image_descriptors(routing_thumbnails(record.array))[0]
+        views = routing_descriptors([record.array])[0]
         source = str(sample.image) + ("" if sample.slice_index is None else f"#slice{sample.slice_index}")
         volume = None
         if sample.slice_index is not None and "volume_shape" in record.meta:  # routed with its whole volume
             key = (str(sample.image), record.meta["slice_axis"])
             if key not in volumes:
-                volumes[key] = image_descriptors(routing_thumbnails(volume_routing_slices(sample, record.meta)))
+                volumes[key] = routing_descriptors(volume_routing_slices(sample, record.meta))
             volume = volumes[key]
-        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), descriptor, volume))
+        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), views, volume))
     return routed
 
 
 def image_scores(signatures: Mapping[str, ImageSignature], images: Sequence[RoutedImage]) -> torch.Tensor:
-    """``[images, adapters]`` scores: an image's own, or for a slice of a volume its volume's (each adapter's
-    median over the volume's routing slices, :func:`~m4oe_adapters.routing.route_volumes`)."""
-    plain = signature_scores(signatures, torch.stack([image.descriptor for image in images]))
+    """``[images, adapters]`` scores as ``m4oe predict`` gets them: an image's own (its best view), or for a slice
+    of a volume its volume's (each adapter's median over the volume's routing slices)."""
+    plain = view_scores(signatures, [image.views for image in images])
     by_volume: dict[int, torch.Tensor] = {}
     rows = []
     for index, image in enumerate(images):
@@ -112,7 +112,7 @@ def image_scores(signatures: Mapping[str, ImageSignature], images: Sequence[Rout
             rows.append(plain[index])
             continue
         if id(image.volume) not in by_volume:
-            by_volume[id(image.volume)] = signature_scores(signatures, image.volume).median(0).values
+            by_volume[id(image.volume)] = view_scores(signatures, image.volume).median(0).values
         rows.append(by_volume[id(image.volume)])
     return torch.stack(rows)
 

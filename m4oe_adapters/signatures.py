@@ -45,6 +45,8 @@ TAIL_QUANTILE = 95  # confidence is empirical up to this calibration percentile,
 DEFAULT_VIEWS = 8  # augmented views per training image
 DEFAULT_MIN_CONFIDENCE = 1e-3
 COMPONENTS = 32  # principal directions kept with their own variance; the rest gets a per-feature residual variance
+BORDER_TOLERANCE = 0.02  # frame pixels lie this close (share of the value range) to the corner's colour
+MAX_BORDER = 0.45  # at most this share of the height or width is taken as a frame per side
 SHRINKAGE = 0.2  # covariance shrunk 20 % towards its diagonal: hundreds of views, a few hundred dimensions
 
 
@@ -68,6 +70,49 @@ def routing_thumbnails(images: torch.Tensor | np.ndarray | Iterable) -> torch.Te
     if not thumbs:
         raise DataError("no images to route")
     return torch.stack(thumbs)
+
+
+def without_border(image: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+    """``image`` (``[C, H, W]`` or ``[H, W]``) without a frame of one constant colour (letterboxing, another export's
+    margins): the edge rows and columns whose every pixel lies within 2 % of the value range of the top-left corner's
+    colour, at most 45 % of the size per side. ``None`` when there is no such frame."""
+    image = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach().float()
+    if image.dim() == 2:
+        image = image[None]
+    height, width = image.shape[-2:]
+    tolerance = BORDER_TOLERANCE * float(image.max() - image.min())
+    flat = (image - image[:, :1, :1]).abs().amax(0) <= tolerance  # [H, W]: the pixel has the corner's colour
+    rows, columns = flat.all(1).tolist(), flat.all(0).tolist()
+
+    def run(values: list[bool], limit: int) -> int:
+        count = 0
+        while count < limit and values[count]:
+            count += 1
+        return count
+
+    top, bottom = run(rows, int(MAX_BORDER * height)), run(rows[::-1], int(MAX_BORDER * height))
+    left, right = run(columns, int(MAX_BORDER * width)), run(columns[::-1], int(MAX_BORDER * width))
+    if top + bottom + left + right == 0:
+        return None
+    return image[:, top : height - bottom, left : width - right]
+
+
+def routing_descriptors(images) -> list[torch.Tensor]:
+    """What the router scores, per image a ``[V, D]`` stack: the image's descriptor and, when the image has a
+    constant-colour frame (:func:`without_border`), also the descriptor of the image without it; each adapter keeps
+    its better fit (``routing.view_scores``), so a letterboxed image routes like the picture inside it.
+
+    Args:
+        images: as for :func:`routing_thumbnails`.
+    """
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        images = list(images) if np.ndim(images) == 4 else [images]
+    images = list(images)
+    plain = image_descriptors(routing_thumbnails(images))
+    framed = {index: inner for index, image in enumerate(images) if (inner := without_border(image)) is not None}
+    inner = dict(zip(framed, image_descriptors(routing_thumbnails(list(framed.values()))))) if framed else {}
+    return [torch.stack([plain[index], inner[index]]) if index in inner else plain[index : index + 1]
+            for index in range(len(images))]
 
 
 def _thumbnail(image: torch.Tensor) -> torch.Tensor:
