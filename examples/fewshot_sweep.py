@@ -11,7 +11,8 @@
   never trained or validated on. ``--task endoscopy``: Kvasir-SEG (one image per patient, no grouping) sorted by
   file name, every fifth image (200) is the test set, the other 800 the pool. The split is a manifest written into
   ``OUT`` that points at the shared data (no copy).
-* Every mode runs the same fixed recipe (``--steps``, default 150, the recipe the source adapter was trained with):
+* Every mode sees the images as the source adapter did (its resize mode and input size: native-resolution crops for
+  fundus, whole images resized to 224 for endoscopy) and runs the same fixed recipe (``--steps``, default 150):
   with k labels there is nothing left to stop on, so the step count is chosen beforehand, not on the test images.
 * Modes: ``experts`` starts from the source adapter (``--init``: the DRIVE-trained experts and decoder, recipe
   inherited); ``lora`` (PEFT LoRA + decoder), ``full`` (whole backbone + decoder) start from the clean backbone;
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from _runs import run  # examples/_runs.py
+from m4oe_adapters.adapter_file import read_header
 
 BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone_clean"]
 FIELDS = ["mode", "k", "seed", "dice", "dice_low", "dice_high", "hd95", "train_s", "eval_s", "test_images"]
@@ -100,6 +102,8 @@ def main() -> None:
         with open(results, "w", newline="") as stream:
             csv.DictWriter(stream, fieldnames=FIELDS).writeheader()
     m4oe = [sys.executable, "-m", "m4oe_adapters.cli"]
+    provenance = read_header(args.source)[0]["provenance"]
+    source_resize, source_size = provenance["resize_mode"], provenance["train_size"][0]
     plan = [("zero-shot", "0", "0")]
     for k in args.shots.split(","):
         for seed in args.seeds.split(","):
@@ -121,8 +125,8 @@ def main() -> None:
                     cmd += ["--val", "0"]
                 if mode == "experts":
                     cmd += ["--init", args.source]
-                elif args.task == "fundus":  # the fundus recipe's native-resolution crops (the source's, inherited)
-                    cmd += ["--resize", "crop"]
+                else:  # the source's input handling (experts inherit it through --init): same images for every mode
+                    cmd += ["--resize", source_resize, "--size", str(source_size)]
                 train_s = run(cmd, out / f"{name}.train.log")
         report = out / name
         cmd = m4oe + ["eval", *BACKBONE, "--data", str(manifest), "--modality", modality, "--split", "test",
