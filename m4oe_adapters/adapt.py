@@ -118,7 +118,9 @@ def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: 
 def cross_validated_steps(backbone_factory, samples: Sequence, modality: str, folds: int, train_config: TrainConfig,
                           log: Callable[[str], None], options: dict[str, Any]) -> dict[str, Any]:
     """Best validation step of each fold of ``samples`` (split by source image, at most one fold per image), and
-    their median as the step count for training on all of them. Each fold trains ``train_config.steps`` steps."""
+    their median as the step count for training on all of them. Each fold trains ``train_config.steps`` steps.
+    Starting from an adapter (``options["init_adapter"]``), step 0 (that adapter unchanged) is a candidate too."""
+    init_adapter = options.get("init_adapter")
     import numpy as np
 
     keys = sorted({str(sample.image) for sample in samples})
@@ -135,9 +137,13 @@ def cross_validated_steps(backbone_factory, samples: Sequence, modality: str, fo
             f"validating on {len(held_out)}")
         fit = fit_modality(backbone_factory, samples, modality, split=(train, val), train_config=train_config,
                            log=log, **options)
-        best_steps.append(int(fit.result.best_step or fit.result.steps_done))
-        fold_dice.append(None if fit.result.best_val_dice is None else round(float(fit.result.best_val_dice), 4))
-    chosen = max(1, int(round(float(np.median(best_steps)))))
+        validated = fit.result.best_val_dice is not None
+        best_steps.append(int(fit.result.best_step if validated else fit.result.steps_done))
+        fold_dice.append(round(float(fit.result.best_val_dice), 4) if validated else None)
+    # 0 when most folds validated best on the starting adapter (--init): it is then kept as it is.
+    chosen = int(round(float(np.median(best_steps))))
+    if init_adapter is None:
+        chosen = max(1, chosen)
     return {"folds": folds, "best_steps": best_steps, "fold_dice": fold_dice, "chosen_steps": chosen}
 
 
@@ -274,6 +280,8 @@ def fit_modality(
     from .training import seed_everything
 
     train_config = train_config or TrainConfig()
+    if init_adapter is not None:  # the adapter as it starts is a candidate: kept if no step validates better
+        train_config = replace(train_config, validate_start=True)
     if init_adapter is not None and mode not in ("experts", "decoder"):
         raise ConfigError(f"--init starts from an expert adapter; mode {mode!r} does not use one (use experts or "
                           "decoder, or drop --init)")
@@ -306,8 +314,9 @@ def fit_modality(
         )
         train_config = replace(train_config, steps=cross_validation["chosen_steps"], patience=None)
         log(f"cross-validation over {len(cross_validation['best_steps'])} folds: best steps "
-            f"{cross_validation['best_steps']} (fold Dice {cross_validation['fold_dice']}); training on all "
-            f"{len(train_samples)} samples for {train_config.steps} steps")
+            f"{cross_validation['best_steps']} (fold Dice {cross_validation['fold_dice']}); " + (
+                f"training on all {len(train_samples)} samples for {train_config.steps} steps" if train_config.steps
+                else f"the starting adapter {Path(init_adapter).name} validated best: it is kept unchanged"))
     if init_adapter is not None and preset is None:
         from .adapter_file import read_header
 
@@ -331,8 +340,12 @@ def fit_modality(
         in_chans=in_chans, expert_config=expert_config, decoder_config=decoder_config,
         init_adapter=None if init_adapter is None else str(init_adapter), seed=train_config.seed,
     )
-    result = train(segmenter, train_set, val_set, num_classes, train_config, out_dir=out_dir, resume=resume,
-                   progress=progress)
+    if train_config.steps == 0:  # cross-validation chose the starting adapter (--init) as it is
+        segmenter.eval()
+        result = TrainResult(None, 0, 0)
+    else:
+        result = train(segmenter, train_set, val_set, num_classes, train_config, out_dir=out_dir, resume=resume,
+                       progress=progress)
     sites = sorted({getattr(sample, "site", "") for sample in train_samples})
     provenance = {
         "mode": mode,

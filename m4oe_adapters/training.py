@@ -55,6 +55,8 @@ class TrainConfig:
             (large images, fast accelerator); on a busy CPU the thread competes with the model for cores.
         max_minutes: stop after this much wall time (a stated CPU budget; ``None``: no limit). A run stopped by it
             is not repeatable step for step; ``stopped_early`` is set.
+        validate_start: also validate the starting weights (step 0), so that a run starting from a trained adapter
+            (``m4oe train --init``) ends with them, unchanged, when no step validates better (``best_step`` 0).
     """
 
     steps: int = 300
@@ -72,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_minutes: float | None = None
     prefetch: int = 0
+    validate_start: bool = False
 
 
 @dataclass
@@ -376,6 +379,11 @@ def train(
     started = time.perf_counter()
     validations_without_gain = 0
     stopped_early = False
+    if config.validate_start and step == 0 and val_dataset is not None and len(val_dataset) > 0:
+        segmenter.set_training_behaviour(False)
+        best = validation_dice(segmenter, val_dataset, num_classes, config.batch_size, config.precision)
+        best_step, best_state = 0, segmenter.checkpoint_state()
+        history.append({"step": 0, "loss": float("nan"), "lr": 0.0, "seconds": 0.0, "val_dice": best})
     segmenter.train()
     segmenter.set_training_behaviour(True)
     last_dice = float("nan")

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from m4oe_adapters.cli import main
@@ -244,6 +245,34 @@ def test_shots_5_trains_on_all_5_images_and_validates_only_on_other_images(sites
     # site A has 8 images: the 5 shots all train; validation comes only from the 3 others, and only when asked
     assert provenance["num_labelled_images"] == 5
     assert provenance["num_validation_images"] == expected_val
+
+
+def test_starting_adapter_is_kept_unchanged_when_no_step_validates_better(sites, tmp_path, capsys):
+    """With --init the adapter as it starts is a candidate (step 0): validation keeps it when training never beats
+    it, and --val-from-shots can choose 0 steps. A learning rate of 0 makes every step equal to the start, so the
+    start must win (a later step has to be strictly better)."""
+    from m4oe_adapters.adapter_file import read_adapter
+
+    source = tmp_path / "source.safetensors"
+    common = ["--data", str(sites / "manifest.csv"), "--modality", "xray", "--batch", "2", "--size", "64",
+              "--no-progress"]
+    assert main(["train", *TINY, *common, "--sites", "B", "--steps", "2", "-o", str(source)]) == 0
+    kept = tmp_path / "kept.safetensors"
+    assert main(["train", *TINY, *common, "--sites", "A", "--init", str(source), "--shots", "4", "--val", "2",
+                 "--steps", "4", "--val-every", "2", "--lr", "0", "-o", str(kept)]) == 0
+    assert "no step beat the starting adapter" in capsys.readouterr().out
+    chosen = tmp_path / "cv.safetensors"
+    assert main(["train", *TINY, *common, "--sites", "A", "--init", str(source), "--shots", "4",
+                 "--val-from-shots", "2", "--steps", "4", "--val-every", "2", "--lr", "0", "-o", str(chosen)]) == 0
+    printed = capsys.readouterr().out
+    assert "kept unchanged" in printed and "best steps [0, 0]" in printed
+    _, start = read_adapter(source)
+    for path in (kept, chosen):
+        metadata, tensors = read_adapter(path)
+        for key in start:
+            if key.startswith(("experts.", "decoder.")):
+                assert torch.equal(tensors[key], start[key]), (path.name, key)
+    assert metadata["provenance"]["steps"] == 0 and metadata["provenance"]["cross_validation"]["chosen_steps"] == 0
 
 
 def test_more_shots_than_images_is_a_one_line_error(sites, tmp_path, capsys):

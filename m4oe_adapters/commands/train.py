@@ -136,8 +136,12 @@ def run(args: argparse.Namespace) -> int:
 
         path = save_result(fit, args.modality, args.output, dtype=args.dtype)
         dice = fit.result.best_val_dice
-        if dice is None:  # --val 0 (or nothing left to validate on): the final weights are the ones saved
+        if fit.result.steps_done == 0:  # --val-from-shots chose the --init adapter as it is
+            kept = "cross-validation kept the starting adapter unchanged (0 steps)"
+        elif dice is None:  # --val 0 (or nothing left to validate on): the final weights are the ones saved
             kept = f"no validation images, so the weights after the last step ({fit.result.steps_done}) were saved"
+        elif fit.result.best_step == 0:
+            kept = f"no step beat the starting adapter (validation Dice {dice:.3f} at step 0): it was saved unchanged"
         else:
             kept = f"best validation Dice {dice:.3f} at step {fit.result.best_step} (those weights were saved)"
         print(
