@@ -17,6 +17,8 @@
 * Modes: ``experts`` starts from the source adapter (``--init``: the DRIVE-trained experts and decoder, recipe
   inherited); ``lora`` (PEFT LoRA + decoder), ``full`` (whole backbone + decoder) start from the clean backbone;
   ``scratch`` is the from-scratch U-Net. ``zero-shot`` is the source adapter itself.
+* ``--val-from-shots FOLDS``: experts choose their step count by cross-validation over the k labelled images (the
+  source adapter as it is, step 0, is a candidate), instead of the fixed ``--steps``.
 * Each finished run appends a row to ``OUT/results.csv`` (mode, k, seed, Dice with its 95 % CI over the test images,
   HD95, seconds); a row already there is skipped, so the sweep resumes where it stopped.
 """
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--shots", default="3,1,5,all", help="k values, in the order they run")
     parser.add_argument("--modes", default="experts,full,scratch,lora")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--val-from-shots", type=int, default=None, metavar="FOLDS",
+                        help="experts: choose the step count (0 keeps the source) by cross-validation over the k")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,8 @@ def main() -> None:
                     cmd += ["--val", "0"]
                 if mode == "experts":
                     cmd += ["--init", args.source]
+                    if args.val_from_shots:
+                        cmd += ["--val-from-shots", str(args.val_from_shots)]
                 else:  # the source's input handling (experts inherit it through --init): same images for every mode
                     cmd += ["--resize", source_resize, "--size", str(source_size)]
                 train_s = run(cmd, out / f"{name}.train.log")
