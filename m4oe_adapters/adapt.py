@@ -101,13 +101,16 @@ def _whole_groups(keys: list[str], groups: dict[str, list], count: int) -> list[
     return chosen
 
 
-def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: int | None) -> str:
+def split_message(train: Sequence, val: Sequence, shots: int | None, val_count: int | None,
+                  cross_validation_folds: int | None = None) -> str:
     """The line a run starts with: how many images train and validate, and what chooses the kept weights."""
     n_train, n_val = len({str(s.image) for s in train}), len({str(s.image) for s in val})
     line = f"training on {n_train} labelled image{'s' * (n_train != 1)}"
     line += f" (--shots {shots})" if shots is not None else ""
     if n_val:
         line += f", validating on {n_val} other image{'s' * (n_val != 1)} (best validation Dice is kept)"
+    elif cross_validation_folds:
+        line += f", no validation images: {cross_validation_folds}-fold cross-validation over them chooses the steps"
     else:
         line += ", no validation images: the last step's weights are kept"
         if shots is not None and val_count:
@@ -301,7 +304,7 @@ def fit_modality(
         train_samples, val_samples = list(split[0]), list(split[1])
     else:
         train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
-        log(split_message(train_samples, val_samples, shots, val_count))
+        log(split_message(train_samples, val_samples, shots, val_count, cross_validation_folds))
     cross_validation = None
     if cross_validation_folds:
         if val_samples:
