@@ -266,7 +266,9 @@ def test_starting_adapter_is_kept_unchanged_when_no_step_validates_better(sites,
                  "--val-from-shots", "2", "--steps", "4", "--val-every", "2", "--lr", "0", "-o", str(chosen)]) == 0
     printed = capsys.readouterr().out
     assert "kept unchanged" in printed and "best steps [0, 0]" in printed
-    assert "2-fold cross-validation over them chooses the steps" in printed.splitlines()[0]
+    starts = [line for line in printed.splitlines() if line.startswith("training on 4 labelled images")]
+    assert starts == ["training on 4 labelled images (--shots 4), no validation images: 2-fold cross-validation over "
+                      "them chooses the steps"]
     _, start = read_adapter(source)
     for path in (kept, chosen):
         metadata, tensors = read_adapter(path)
