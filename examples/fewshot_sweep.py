@@ -84,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="fundus")
     parser.add_argument("--source", required=True,
-                        help="source-site adapter on the clean backbone (DRIVE fundus, CVC-ClinicDB or Kvasir-SEG endoscopy)")
+                        help="source-site adapter on the clean backbone (DRIVE fundus, CVC-ClinicDB or Kvasir-SEG "
+                             "endoscopy)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
     parser.add_argument("--seeds", default="0,1,2")

@@ -2,7 +2,8 @@
 changes another hospital's images might bring (compression, resolution, frames, zoom, colour, noise, gamma,
 orientation, grey).
 
-    OMP_NUM_THREADS=1 python examples/routing_robustness.py [--zoo adapters_zoo] [--data ../shared/data] [--per-dataset 15]
+    OMP_NUM_THREADS=1 python examples/routing_robustness.py [--zoo adapters_zoo] [--data ../shared/data] \
+        [--per-dataset 15]
 
 Images: up to ``--per-dataset`` 2D held-out images per shared dataset whose modality a zoo adapter covers (the same
 seeded choice as tests/test_routing.py: no image any signature was fitted on), routed among every zoo adapter by

@@ -5,9 +5,9 @@ rewrite ``index.json`` with the new file hashes.
 
 Each signature is refitted on the images it was fitted on before (found by the content hashes the file stores: the
 zoo builder's development split, what the adapter trained and validated on, and any unlabelled images an earlier
-``--broaden`` added), so running it again after a change to the signature fitting refits the same images. With ``--broaden``, unlabelled images
-of more of the modality are added where one site's few images made the signature too narrow (measured in the
-README, "A new site's unlabelled images fix its routing"):
+``--broaden`` added), so running it again after a change to the signature fitting refits the same images. With
+``--broaden``, unlabelled images of more of the modality are added where one site's few images made the signature
+too narrow (measured in the README, "A new site's unlabelled images fix its routing"):
 
 * fundus: CHASE_DB1 children 01–07 (14 images; children 08–14 stay out, for testing);
 * endoscopy: the CVC-ClinicDB frames of the endoscopy recipe's development sequences (``split_in_domain`` of the

@@ -189,9 +189,9 @@ def predict_files(
     Volumes (NIfTI, NRRD, 3D HDF5) are segmented slice by slice along ``slice_axis`` (``None``: the through-plane
     axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
     (identity for HDF5, which has none); a volume is routed as a whole, by up to 16 evenly spaced slices; its
-    overlay shows a few slices in one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette PNG of class ids (see
-    :func:`~.data.write_mask`). ``device``/``precision``: see :func:`predict_array` (the model must already be on
-    ``device``).
+    overlay shows a few slices in one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette
+    PNG of class ids (see :func:`~.data.write_mask`). ``device``/``precision``: see :func:`predict_array` (the model
+    must already be on ``device``).
 
     Raises:
         ConfigError: an output file (a mask, an overlay or ``predictions.csv``) already exists and ``overwrite``

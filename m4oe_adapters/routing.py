@@ -2,11 +2,12 @@
 
 **Image-level routing** (:func:`route_images`; :func:`route_views` for an image and its unframed view, used by
 ``SegmentationModel.route`` and by ``model(images)`` when no modality is given): each loaded adapter's
-:class:`~m4oe_adapters.signatures.ImageSignature` scores every image on its own; the image goes to the adapter with the lowest *relative* score (score over that adapter's median held-out
-calibration score), and is **unknown** when that adapter's confidence is under the threshold (its stored
-``min_confidence``, or the caller's). An adapter's scores depend only on its own signature, so loading or removing
-another adapter can change which adapter wins but never another adapter's scores. A volume goes to one adapter as a
-whole (:func:`route_volumes`: each adapter's median score over its slices).
+:class:`~m4oe_adapters.signatures.ImageSignature` scores every image on its own; the image goes to the adapter with
+the lowest *relative* score (score over that adapter's median held-out calibration score), and is **unknown** when
+that adapter's confidence is under the threshold (its stored ``min_confidence``, or the caller's). An adapter's
+scores depend only on its own signature, so loading or removing another adapter can change which adapter wins but
+never another adapter's scores. A volume goes to one adapter as a whole (:func:`route_volumes`: each adapter's
+median score over its slices).
 
 **Token-level routing** inside the backbone:
 

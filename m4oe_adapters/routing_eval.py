@@ -22,7 +22,8 @@ from .routing import decide, view_scores, volume_routing_indices
 from .signatures import ImageSignature, image_hash, routing_descriptors
 
 SYNTHETIC_UNKNOWNS = ("uniform noise", "blank frame", "grey ramp", "checkerboard")
-SWEEP = (0.1, 0.05, 0.03, 0.02, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 1e-15)  # thresholds whose false rejection / unknown rates are reported
+# thresholds whose false rejection / unknown rates are reported
+SWEEP = (0.1, 0.05, 0.03, 0.02, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 1e-15)
 
 
 @dataclass
