@@ -123,9 +123,9 @@ def cross_validated_steps(backbone_factory, samples: Sequence, modality: str, fo
     """Best validation step of each fold of ``samples`` (split by source image, at most one fold per image), and
     their median as the step count for training on all of them. Each fold trains ``train_config.steps`` steps.
     Starting from an adapter (``options["init_adapter"]``), step 0 (that adapter unchanged) is a candidate too."""
-    init_adapter = options.get("init_adapter")
     import numpy as np
 
+    init_adapter = options.get("init_adapter")
     keys = sorted({str(sample.image) for sample in samples})
     random.Random(train_config.seed).shuffle(keys)
     folds = min(folds, len(keys))

@@ -80,7 +80,6 @@ def _route(model: SegmentationModel, images: list[np.ndarray]):
             modality.
     """
     from ..errors import M4oEError
-
     from ..routing import volume_routing_indices
 
     try:
