@@ -13,8 +13,9 @@ def register(subparsers) -> None:
         help="train the soft-routing gate (router keys) of several adapters together; experts stay as they are",
         description="Train every given adapter's router keys jointly (gate cross-entropy against each image's known "
                     "modality plus the load-balancing loss), on the images each adapter's signature was fitted on, "
-                    "within the datasets its provenance names (its training and validation images; no label is read). Experts, decoders and signatures are "
-                    "unchanged; the adapters are written again, with the trained keys, into --out.",
+                    "within the datasets its provenance names (its training and validation images; no label is "
+                    "read). Experts, decoders and signatures are unchanged; the adapters are written again, with "
+                    "the trained keys, into --out.",
     )
     add_adapter_set_arguments(parser)
     parser.add_argument("--weights", default=None, help="backbone weights (default: the zoo's)")
