@@ -58,6 +58,7 @@ from .adapter_header import (  # noqa: F401 - re-exported: the torch-free half o
     validate_metadata,
 )
 from .config import DecoderConfig, ExpertConfig
+from .decoder import PackedDecoder, stored_dtype
 from .errors import AdapterError, AdapterFormatError, BackboneMismatchError, ConfigError
 from .model import ModalityInfo, SegmentationModel
 from .signatures import CALIBRATION_POINTS, ImageSignature
@@ -339,7 +340,8 @@ def load_adapter(
         replace: if the modality is already loaded, replace it (otherwise refuse).
         force: accept a backbone with another fingerprint but the same architecture (shapes are still checked).
         keep_dtype: store the experts and decoder in the file's dtype (fp16/bf16 files: half the memory, the same
-            outputs: they are cast to the backbone's dtype at use); for serving, not for training.
+            outputs: they are cast to the backbone's dtype at use) and the decoder packed in one buffer
+            (:class:`~m4oe_adapters.decoder.PackedDecoder`); for serving, not for training.
 
     Returns: the new modality's :class:`ModalityInfo`.
     """
@@ -355,7 +357,7 @@ def load_adapter(
             raise ConfigError(f"{path}: modality {name!r} is already loaded; pass replace=True to swap it")
         # Kept until the new one is in place, so even a failure after this point leaves the model as it was.
         previous = (model.modalities[name], {k: t.detach().clone() for k, t in model.modality_tensors(name).items()},
-                    model.signatures.get(name), next(model.decoders[name].parameters()).dtype)
+                    model.signatures.get(name), model.decoders[name])
         model.remove_modality(name)
     try:
         info = model.add_modality(
@@ -365,6 +367,7 @@ def load_adapter(
             preset=metadata["preset"],
             input_size=metadata["input_size"],
             dtype=DTYPES[metadata["dtype"]] if keep_dtype else None,
+            packed=keep_dtype,
         )
         try:
             model.set_modality_tensors(name, tensors)
@@ -373,8 +376,9 @@ def load_adapter(
             raise
     except BaseException:
         if previous is not None:
-            old_info, old_tensors, old_signature, old_dtype = previous
-            model.add_modality(name, old_info.num_classes, old_info.label_names, dtype=old_dtype)
+            old_info, old_tensors, old_signature, old_decoder = previous
+            model.add_modality(name, old_info.num_classes, old_info.label_names, dtype=stored_dtype(old_decoder),
+                               packed=isinstance(old_decoder, PackedDecoder))
             model.set_modality_tensors(name, old_tensors)
             model.modalities[name] = old_info
             model.set_signature(name, old_signature)

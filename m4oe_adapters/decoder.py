@@ -15,6 +15,9 @@ Data flow, for feature maps ``f1..f4`` at strides 4, 8, 16, 32:
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,3 +82,76 @@ class ModalityDecoder(nn.Module):
         up = F.interpolate(decoded, size=stem_full.shape[-2:], mode="bilinear", align_corners=False)
         decoded = self.fuse_full(torch.cat([up, stem_full], dim=1))
         return self.head(decoded)
+
+
+class PackedDecoder(nn.Module):
+    """A decoder held for inference as one flat buffer: what a service holding many adapters keeps per modality.
+
+    A :class:`ModalityDecoder` is ~36 ``nn.Module`` objects and ~30 tensors; their Python and C++ bookkeeping costs
+    about 0.1 MB per adapter, a tenth of a 1 MB fp16 file (``examples/serve_memory_breakdown.py``). Here the same
+    values live in one buffer of the stored dtype; a forward builds views of it (cast to ``dtype``) and runs them
+    through a shared, weightless template of the same shape (meta device, one per thread, so concurrent forwards
+    never swap each other's tensors). Its state-dict keys and values are the unpacked decoder's (``lateral.0.weight``
+    …), so files, :meth:`SegmentationModel.modality_tensors` and replacement see no difference. No parameters: it
+    cannot be trained (:meth:`SegmentationModel.train_only` refuses it).
+    """
+
+    _templates = threading.local()
+
+    def __init__(self, feature_channels: tuple[int, ...], in_chans: int, num_classes: int, channels: int = 64,
+                 stem_channels: int = 16, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.shape_key = (tuple(feature_channels), in_chans, num_classes, channels, stem_channels)
+        layout, offset = [], 0
+        for name, tensor in self._template().state_dict(keep_vars=True).items():
+            layout.append((name, tuple(tensor.shape), offset))
+            offset += tensor.numel()
+        self.layout = tuple(layout)
+        self.register_buffer("flat", torch.zeros(offset, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.shape_key[2]
+
+    def _template(self) -> ModalityDecoder:
+        templates = self._templates.__dict__.setdefault("by_shape", {})
+        if self.shape_key not in templates:
+            feature_channels, in_chans, num_classes, channels, stem_channels = self.shape_key
+            with torch.device("meta"):
+                templates[self.shape_key] = ModalityDecoder(feature_channels, in_chans, num_classes, channels,
+                                                            stem_channels)
+        return templates[self.shape_key]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The decoder's tensors under their ``ModalityDecoder`` names: views of the flat buffer (writable)."""
+        return {name: self.flat[offset:offset + math.prod(shape)].view(shape) for name, shape, offset in self.layout}
+
+    def forward(self, features: list[torch.Tensor], images: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`ModalityDecoder.forward` with these values, computed in ``dtype`` (default: the stored one)."""
+        state = {name: view.to(dtype) if dtype is not None else view for name, view in self.tensors().items()}
+        return torch.func.functional_call(self._template(), state, (features, images))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, view in self.tensors().items():
+            destination[prefix + name] = view if keep_vars else view.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name, view in self.tensors().items():
+            if prefix + name in state_dict:
+                with torch.no_grad():
+                    view.copy_(state_dict[prefix + name])
+            elif strict:
+                missing_keys.append(prefix + name)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.layout)} tensors, {self.flat.numel()} values, {self.flat.dtype}"
+
+
+def stored_dtype(decoder: nn.Module) -> torch.dtype:
+    """The dtype a decoder's values are held in (packed or not)."""
+    if isinstance(decoder, PackedDecoder):
+        return decoder.flat.dtype
+    return next(decoder.parameters()).dtype

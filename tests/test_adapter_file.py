@@ -22,6 +22,7 @@ from m4oe_adapters import (
 )
 
 from m4oe_adapters.adapter_file import DTYPES, read_adapter, read_header
+from m4oe_adapters.decoder import ModalityDecoder, PackedDecoder
 
 from conftest import tiny_backbone, tiny_model
 
@@ -96,9 +97,77 @@ def test_fp16_adapters_kept_in_fp16_take_half_the_memory_and_give_identical_outp
         wide.merge("MRI"), narrow.merge("MRI")
         assert torch.equal(narrow(x, "MRI"), wide(x, "MRI"))
         narrow.unmerge()
-    assert next(narrow.decoders["CT"].parameters()).dtype == torch.float16  # untouched by the forwards
+    # untouched by the forwards, and the decoder held as one buffer with the unpacked decoder's keys and values
+    assert {t.dtype for t in narrow.modality_tensors("CT").values() if t.dim() > 1} == {torch.float16}
+    assert isinstance(narrow.decoders["CT"], PackedDecoder)
+    assert narrow.decoders["CT"].state_dict().keys() == wide.decoders["CT"].state_dict().keys()
+    for key, value in narrow.decoders["CT"].state_dict().items():
+        assert torch.equal(value.float(), wide.decoders["CT"].state_dict()[key]), key
     with pytest.raises(ConfigError, match="keep_dtype"):
         narrow.train_only("CT")
+
+
+def test_a_packed_decoder_survives_a_failed_replacement_packed_with_its_values(model, tmp_path, monkeypatch):
+    """load_adapter(keep_dtype=True, replace=True) that fails puts back the old modality as it was held: packed, in
+    its dtype, with its values."""
+    path = save_adapter(model, "CT", tmp_path / "CT.safetensors", dtype="fp16")
+    served = tiny_model(modalities=())
+    load_adapter(served, path, keep_dtype=True)
+    before = {k: t.clone() for k, t in served.modality_tensors("CT").items()}
+    monkeypatch.setattr(served, "set_modality_tensors", failing_once(served.set_modality_tensors))
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_adapter(served, path, replace=True, keep_dtype=True)
+    assert isinstance(served.decoders["CT"], PackedDecoder) and served.decoders["CT"].flat.dtype == torch.float16
+    after = served.modality_tensors("CT")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], t) for k, t in before.items())
+
+
+def failing_once(function):
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure while copying")
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def test_packed_decoders_run_concurrently_without_swapping_each_others_values():
+    """Each thread runs packed decoders through its own weightless template, so two threads decoding with different
+    values at once each get exactly their own result."""
+    import threading
+
+    shape = ((8, 16, 32, 64), 1, 3, 16, 8)
+    features = [torch.randn(2, c, 32 // s, 32 // s) for c, s in zip(shape[0], (4, 8, 16, 32))]
+    images = torch.randn(2, 1, 32, 32)
+    decoders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        reference = ModalityDecoder(*shape)
+        packed = PackedDecoder(*shape)
+        packed.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            decoders.append((packed, reference(features, images)))
+    results, errors = {0: [], 1: []}, []
+    barrier = threading.Barrier(2)
+
+    def run(index):
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(30):
+                    results[index].append(decoders[index][0](features, images))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+    threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for index, (_, expected) in enumerate(decoders):
+        assert all(torch.equal(output, expected) for output in results[index])
 
 
 def test_model_from_adapter_rebuilds_backbone_and_config(model, tmp_path, timm_checkpoint):

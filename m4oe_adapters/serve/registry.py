@@ -82,8 +82,8 @@ class AdapterRegistry:
         model: the model every adapter is loaded into (its backbone is shared).
         model_lock: the lock every forward of ``model`` holds (:attr:`MicroBatcher.lock`).
         on_change: called with the number of served adapters after every change (metrics).
-        keep_dtype: hold each adapter in its file's dtype (fp16 files: half the memory, the same masks; see
-            :meth:`~m4oe_adapters.model.SegmentationModel.add_modality`).
+        keep_dtype: hold each adapter in its file's dtype (fp16 files: half the memory, the same masks) with its
+            decoder packed in one buffer (see :meth:`~m4oe_adapters.model.SegmentationModel.add_modality`).
     """
 
     def __init__(self, model: SegmentationModel, model_lock, on_change: Callable[[int], None] | None = None,
@@ -183,6 +183,7 @@ class AdapterRegistry:
                 info = self.model.add_modality(
                     slot, metadata["num_classes"], metadata["label_names"], preset=metadata["preset"],
                     input_size=metadata["input_size"], dtype=DTYPES[metadata["dtype"]] if self.keep_dtype else None,
+                    packed=self.keep_dtype,
                 )
                 try:
                     self.model.set_modality_tensors(slot, tensors)
