@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-test-images", type=int, default=8)
     parser.add_argument("--dtype", default="fp16")
+    parser.add_argument("--index-only", action="store_true",
+                        help="train nothing: rewrite index.json for the adapters already in --zoo (e.g. after "
+                             "building parts of the zoo in separate folders, one process each, and moving them in)")
     args = parser.parse_args(argv)
 
     zoo = Path(args.zoo)
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
     def backbone():
         return load_backbone(ARCH, weights, model_args=MODEL_ARGS, img_size=224)
 
-    names = args.only.split(",") if args.only else list(RECIPES)
+    names = [] if args.index_only else args.only.split(",") if args.only else list(RECIPES)
     summary = {}
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
             "description": f"SimMIM-pretrained Swin (embed 48, depths 2-2-6-2, {config['m4oe']['steps']} steps on "
                            f"{config['m4oe']['images']} shared-data images)",
         }, adapters)
-    (zoo / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if summary:
+        (zoo / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
