@@ -139,12 +139,15 @@ class PackedDecoder(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name, view in self.tensors().items():
+        views = self.tensors()
+        for name, view in views.items():
             if prefix + name in state_dict:
                 with torch.no_grad():
                     view.copy_(state_dict[prefix + name])
             elif strict:
                 missing_keys.append(prefix + name)
+        if strict:
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key[len(prefix):] not in views)
 
     def extra_repr(self) -> str:
         return f"{len(self.layout)} tensors, {self.flat.numel()} values, {self.flat.dtype}"

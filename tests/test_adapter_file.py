@@ -133,6 +133,19 @@ def failing_once(function):
     return wrapper
 
 
+def test_a_packed_decoder_loads_state_dicts_as_strictly_as_the_module_it_packs():
+    shape = ((8, 16, 32, 64), 1, 3, 16, 8)
+    reference, packed = ModalityDecoder(*shape), PackedDecoder(*shape)
+    state = reference.state_dict()
+    packed.load_state_dict(state)
+    assert packed.state_dict().keys() == state.keys()
+    assert all(torch.equal(packed.state_dict()[key], value) for key, value in state.items())
+    with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
+        packed.load_state_dict({**state, "extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="Missing key.*head.bias"):
+        packed.load_state_dict({key: value for key, value in state.items() if key != "head.bias"})
+
+
 def test_packed_decoders_run_concurrently_without_swapping_each_others_values():
     """Each thread runs packed decoders through its own weightless template, so two threads decoding with different
     values at once each get exactly their own result."""
