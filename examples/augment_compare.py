@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _runs import run  # examples/_runs.py
 
-BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone_clean"]
+BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone"]
 FIELDS = ["variant", "seed", "site", "dice", "dice_low", "dice_high", "hd95", "images", "train_s", "eval_s"]
 
 

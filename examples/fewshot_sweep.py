@@ -3,7 +3,7 @@
     python examples/fewshot_sweep.py --source SOURCE.safetensors --out runs/fewshot_fundus [--seeds 0,1,2]
     python examples/fewshot_sweep.py --task endoscopy --source ENDO.safetensors --out runs/fewshot_endoscopy
 
-* Backbone: the clean reference backbone (``adapters_zoo/backbone_clean``, never saw CHASE_DB1 or Kvasir-SEG).
+* Backbone: the clean reference backbone (``adapters_zoo/backbone``, never saw CHASE_DB1 or Kvasir-SEG).
 * ``--task endoscopy-reverse`` (Kvasir-SEG → CVC-ClinicDB): the frames of every third video sequence of
   CVC-ClinicDB (3, 6, ..., 27) are the test set, the other 20 sequences the pool (split by video, never by frame).
 * ``--task fundus``: CHASE_DB1 split by child (both eyes of a child stay together): children 01–07 are the pool the
@@ -34,7 +34,7 @@ from pathlib import Path
 from _runs import run  # examples/_runs.py
 from m4oe_adapters.adapter_file import read_header
 
-BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone_clean"]
+BACKBONE = ["--backbone", "timm:swin_tiny_patch4_window7_224", "--weights", "adapters_zoo/backbone"]
 FIELDS = ["mode", "k", "seed", "dice", "dice_low", "dice_high", "hd95", "train_s", "eval_s", "test_images"]
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The clean reference backbone (adapters_zoo/backbone_clean): SimMIM on every image and volume slice of
+# The clean reference backbone (adapters_zoo/backbone): SimMIM on every image and volume slice of
 # ../shared/data except the sites any report calls unseen (fundus CHASE_DB1, both polyp sets with their _subset
 # folders, X-ray imlab-demo), 1 CPU thread. Same architecture and crops as examples/pretrain_reference.sh.
 # Resumable: rerun with --resume (and, to stop early, --steps N: the cosine schedule is then recomputed for N).
-# The shipped backbone_clean was run in sittings, each a --resume with a new --steps as the shared CPU allowed:
+# The shipped adapters_zoo/backbone was run in sittings, each a --resume with a new --steps as the shared CPU allowed:
 #   --steps 1800 (stopped at step 100), then --resume --steps 400 (stopped at 200), --resume --steps 550 (at 350),
 #   --resume --steps 900 (at 600), --resume --steps 1300 (to the end), all with --checkpoint-every 50 after the first.
 # Each change recomputes the cosine for the new total, so the learning rate steps up at 200, 350 and 600 (warm
-# restarts); runs/pretrain_clean/log.csv and backbone_clean/log.csv hold the lr of every step.
+# restarts); runs/pretrain_clean/log.csv and backbone/log.csv hold the lr of every step.
 set -euo pipefail
 DATA="${M4OE_DATA:-../shared/data}"
 m4oe pretrain "$DATA/manifest.csv" --out runs/pretrain_clean \

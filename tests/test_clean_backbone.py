@@ -1,4 +1,4 @@
-"""The clean reference backbone (adapters_zoo/backbone_clean) never saw an image of a site that any report calls
+"""The clean reference backbone (adapters_zoo/backbone) never saw an image of a site that any report calls
 unseen: its config.json exclusion list covers every unseen site of the zoo adapters, the README and the recipes, and
 (with the shared data) no excluded site's image is in its pretraining image list."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from m4oe_adapters.data import data_root
 from m4oe_adapters.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
-CLEAN = REPO / "adapters_zoo" / "backbone_clean"
+CLEAN = REPO / "adapters_zoo" / "backbone"
 DATA = data_root()
 
 
