@@ -29,6 +29,7 @@ for row in csv.DictReader(open("runs/routing_zoo_views/routing.csv")):
     if sample is None:
         continue
     held.append(thumb(sample)); held_names.append(row["expected"]); held_sets.append(row["dataset"])
+Path("runs/route_exp5").mkdir(parents=True, exist_ok=True)
 np.savez_compressed("runs/route_exp5/thumbs.npz", dev=torch.stack(dev).half().numpy(), dev_names=np.array(dev_names),
                     held=torch.stack(held).half().numpy(), held_names=np.array(held_names), held_sets=np.array(held_sets))
 print(len(dev), len(held))
