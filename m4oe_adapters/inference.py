@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,6 +50,37 @@ def sliding_window_logits(
         progress=progress,
     )
     return logits[0]
+
+
+TTA_FLIPS = {  # test-time augmentation: the extra views, as the image dimensions each one mirrors
+    "none": (),
+    "flip": ((-1,),),                   # left-right
+    "flips": ((-1,), (-2,), (-2, -1)),  # left-right, up-down, both (nnU-Net's 2D mirroring)
+}
+
+
+def flip_averaged(predictor: Predictor, tta: str = "none") -> Predictor:
+    """``predictor`` averaged over mirrored views of its input (test-time augmentation).
+
+    Each view is the input flipped along some image axes; its logits are flipped back and the mean of the logits of
+    the original and every view is returned, so every caller (sliding windows, resized input, scale resampling,
+    the service) gets it unchanged. ``tta``: ``"none"`` (the predictor itself), ``"flip"`` (left-right: 2 passes),
+    ``"flips"`` (left-right, up-down and both: 4 passes). Training's basic augmentation flips images, so the experts
+    have seen every view.
+    """
+    if tta not in TTA_FLIPS:
+        raise ConfigError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_FLIPS)}")
+    flips = TTA_FLIPS[tta]
+    if not flips:
+        return predictor
+
+    def averaged(images: torch.Tensor) -> torch.Tensor:
+        total = predictor(images).float()
+        for dims in flips:
+            total = total + predictor(images.flip(dims)).float().flip(dims)
+        return total / (1 + len(flips))
+
+    return averaged
 
 
 def segment(

@@ -97,12 +97,14 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
 
 def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None,
                   routing: str | None = None, device: torch.device | str | None = None,
-                  precision: str = "32") -> np.ndarray:
+                  precision: str = "32", tta: str = "none") -> np.ndarray:
     """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size (and
     ``routing`` ``"hard"``/``"soft"`` for the experts, default the model's). With ``device`` (where the model is),
     each window batch goes there and runs under ``precision`` (``"32"``, ``"bf16"``, ``"16"`` autocast); the image
-    and its mask stay on the CPU."""
+    and its mask stay on the CPU. ``tta``: test-time augmentation over mirrored views
+    (:func:`~.inference.flip_averaged`)."""
     from .data import normalise
+    from .inference import flip_averaged
 
     info = model.modalities[modality]
     image = torch.from_numpy(np.ascontiguousarray(normalise(raw, meta or {}, info.preset,
@@ -114,6 +116,7 @@ def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta
         from .runtime import device_predictor, module_device
 
         function = device_predictor(function, device if device is not None else module_device(model), precision)
+    function = flip_averaged(function, tta)
     return predict_mask_at_scale(function, image, info.input_size, resize_mode,
                                  scale=info.provenance.get("scale"), raw=raw, meta=meta).numpy()
 
@@ -182,6 +185,7 @@ def predict_files(
     progress: bool = False,
     device: torch.device | str | None = None,
     precision: str = "32",
+    tta: str = "none",
 ) -> list[PredictionResult]:
     """Segment every input; a bad or unknown file is reported in its result (and ``predictions.csv``) and the run
     goes on.
@@ -190,8 +194,8 @@ def predict_files(
     axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
     (identity for HDF5, which has none); a volume is routed as a whole, by up to 16 evenly spaced slices; its
     overlay shows a few slices in one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette
-    PNG of class ids (see :func:`~.data.write_mask`). ``device``/``precision``: see :func:`predict_array` (the model
-    must already be on ``device``).
+    PNG of class ids (see :func:`~.data.write_mask`). ``device``/``precision``/``tta``: see :func:`predict_array`
+    (the model must already be on ``device``).
 
     Raises:
         ConfigError: an output file (a mask, an overlay or ``predictions.csv``) already exists and ``overwrite``
@@ -246,7 +250,7 @@ def predict_files(
                     from tqdm.auto import tqdm
 
                     slices = tqdm(slices, desc=source.name, unit="slice", leave=False)
-                masks = [predict_array(model, slice_[None], chosen, meta, device=device, precision=precision)
+                masks = [predict_array(model, slice_[None], chosen, meta, device=device, precision=precision, tta=tta)
                          for slice_ in slices]
                 mask = np.moveaxis(np.stack(masks), 0, axis)
                 write_mask(mask, target, affine=affine)
@@ -262,7 +266,7 @@ def predict_files(
             if chosen is None:
                 results.append(_unknown(source, confidence))
                 continue
-            mask = predict_array(model, record.array, chosen, record.meta, device=device, precision=precision)
+            mask = predict_array(model, record.array, chosen, record.meta, device=device, precision=precision, tta=tta)
             write_mask(mask, target, num_classes=model.modalities[chosen].num_classes)
             result = PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence)
             if overlays:

@@ -92,6 +92,27 @@ def test_predict_on_each_device_and_in_bf16_gives_the_fp32_masks(adapter, sites,
         assert got.shape == expected.shape and (got == expected).mean() > 0.98, mask.name
 
 
+def test_predict_with_flip_tta_gives_a_mirrored_image_the_mirrored_mask(adapter, sites, tmp_path):
+    """`m4oe predict --tta flip` averages the image and its left-right mirror, so mirroring the input mirrors the
+    mask exactly; without it the two masks differ (the premise that makes this test able to fail)."""
+    source = sorted((sites / "B" / "images").iterdir())[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = Image.open(source)
+    image.save(inputs / "plain.png")
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(inputs / "mirrored.png")
+    masks = {}
+    for tta in ("none", "flip"):
+        out = tmp_path / tta
+        assert main(["predict", str(inputs), "--adapter", str(adapter), *TINY, "--out", str(out), "--tta", tta,
+                     "--no-progress"]) == 0
+        masks[tta] = [np.asarray(Image.open(out / f"{name}_mask.png")) for name in ("plain", "mirrored")]
+    plain, mirrored = masks["flip"]
+    assert np.array_equal(plain, mirrored[:, ::-1])
+    plain, mirrored = masks["none"]
+    assert not np.array_equal(plain, mirrored[:, ::-1])
+
+
 def test_predict_a_nifti_volume_keeps_its_affine(adapter, tmp_path):
     import nibabel
 

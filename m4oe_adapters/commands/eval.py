@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                              "(measured on its training images)")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="the images' pixel size, in the unit the adapter's scale uses (overrides headers)")
+    parser.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                        help="test-time augmentation: average the logits over mirrored views (flip: left-right, "
+                             "2 passes; flips: left-right, up-down and both, 4 passes)")
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--labels", default=None, help="comma-separated class names, background first, for the "
                         "report (default: the adapter's names; protocol: the dataset's known names, else class_<k>)")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 # Flags of one of eval's two jobs, refused in the other rather than silently ignored.
 PROTOCOL_FLAGS = ("--test-sites", "--modes", "--shots", "--steps", "--batch", "--lr", "--rank", "--size", "--resize",
                   "--val", "--seed", "--save-adapters")
-ADAPTER_FLAGS = ("--adapter-scale",)
+ADAPTER_FLAGS = ("--adapter-scale", "--tta")
 LOW_RANK_MODES = ("experts", "decoder", "lora")
 
 
@@ -111,6 +114,7 @@ def backbone_note(backbone) -> str:
 def evaluate_adapter_from_args(args):
     from ..errors import ConfigError
     from ..evaluation import evaluate_samples
+    from ..inference import flip_averaged
     from ..runtime import device_predictor
     from ..segmenter_file import load_segmenter
     from ..scale import parse_scale
@@ -131,13 +135,16 @@ def evaluate_adapter_from_args(args):
     if args.scale == "auto":
         scale = parse_scale(args.adapter_scale) if args.adapter_scale else info.provenance.get("scale")
     rows, skipped = evaluate_samples(
-        device_predictor(loaded, device, precision), samples, preset=info.preset, in_chans=loaded.in_chans,
+        flip_averaged(device_predictor(loaded, device, precision), args.tta), samples, preset=info.preset,
+        in_chans=loaded.in_chans,
         num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
         keep_predictions=True, progress=not args.no_progress, volumes=True, scale=scale, pixel_size=args.pixel_size,
     )
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
              f"{info.provenance.get('sites')})", loaded.backbone_note, scale_note(scale)]
+    if args.tta != "none":
+        notes.append(f"test-time augmentation {args.tta}: logits averaged over the image and its mirrored views")
     return rows, skipped, f"Evaluation of {args.adapter}", notes
 
 

@@ -1,0 +1,56 @@
+"""Test-time augmentation (``m4oe eval --tta``, ``m4oe predict --tta``): mirrored views averaged into one prediction."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m4oe_adapters.errors import ConfigError
+from m4oe_adapters.evaluation import predict_mask
+from m4oe_adapters.inference import flip_averaged
+
+
+def lopsided_predictor() -> torch.nn.Module:
+    """A convolution whose kernels favour one side and one direction: its output is not mirror-symmetric."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 5, padding=2)
+    with torch.no_grad():
+        conv.weight[:, :, :, :2] += 1.0   # the left columns weigh more
+        conv.weight[:, :, :2, :] -= 0.5   # the top rows weigh less
+    return conv.eval()
+
+
+def test_flips_make_any_predictor_mirror_equivariant():
+    predictor = lopsided_predictor()
+    image = torch.rand(1, 3, 48, 40)
+    with torch.no_grad():
+        plain = predictor
+        assert not torch.allclose(plain(image.flip(-1)).flip(-1), plain(image), atol=1e-3)  # the premise
+        averaged = flip_averaged(predictor, "flips")
+        for dims in ((-1,), (-2,), (-2, -1)):
+            torch.testing.assert_close(averaged(image.flip(dims)).flip(dims), averaged(image), rtol=1e-5, atol=1e-5)
+
+
+def test_flip_is_left_right_only_and_none_is_the_predictor_itself():
+    predictor = lopsided_predictor()
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        left_right = flip_averaged(predictor, "flip")
+        torch.testing.assert_close(left_right(image.flip(-1)).flip(-1), left_right(image), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(left_right(image.flip(-2)).flip(-2), left_right(image), atol=1e-3)
+    assert flip_averaged(predictor, "none") is predictor
+
+
+def test_sliding_window_masks_of_a_mirrored_image_are_the_mirrored_masks():
+    """Through the windows and their Gaussian blending as the evaluator runs them (an image larger than one
+    window), the mask of a mirrored image is the mirror of the mask."""
+    predictor = flip_averaged(lopsided_predictor(), "flips")
+    image = torch.rand(3, 80, 96)
+    mask = predict_mask(predictor, image, (64, 64), "crop", progress=False)
+    for dims in ((-1,), (-2,)):
+        mirrored = predict_mask(predictor, image.flip(dims), (64, 64), "crop", progress=False)
+        assert (mirrored.flip(dims) == mask).float().mean() > 0.999
+
+
+def test_an_unknown_augmentation_is_refused():
+    with pytest.raises(ConfigError, match="unknown test-time augmentation 'rot'"):
+        flip_averaged(lambda x: x, "rot")
