@@ -225,17 +225,18 @@ def signature_scores(signatures: Mapping, descriptors: torch.Tensor) -> torch.Te
 def decide(signatures: Mapping, scores: torch.Tensor, min_confidence: float | None = None) -> list[RoutingDecision]:
     """Decisions from a ``[B, E]`` score matrix (columns in ``signatures``' order): the adapter with the lowest
     score relative to its own calibration, accepted when its confidence reaches the threshold."""
+    from .signatures import CALIBRATION_POINTS, calibrated_confidence
+
     names = list(signatures)
-    relative = torch.stack([signatures[name].relative_score(scores[:, i]) for i, name in enumerate(names)], 1)
-    confidence = torch.stack([signatures[name].confidence(scores[:, i]) for i, name in enumerate(names)], 1)
+    calibration = torch.stack([signatures[name].calibration.double() for name in names])  # [E, CALIBRATION_POINTS]
+    by_adapter = scores.double().T  # [E, B]
+    relative = by_adapter / calibration[:, CALIBRATION_POINTS // 2 :][:, :1].clamp_min(1e-12)
+    confidence = calibrated_confidence(calibration, by_adapter).T.tolist()  # [B][E]
     decisions = []
-    for row in range(scores.shape[0]):
-        best = int(relative[row].argmin())
+    for row, best in enumerate(relative.argmin(0).tolist()):
         name = names[best]
         threshold = signatures[name].min_confidence if min_confidence is None else float(min_confidence)
-        value = float(confidence[row, best])
-        decisions.append(RoutingDecision(
-            name if value >= threshold else None, value,
-            {n: float(confidence[row, i]) for i, n in enumerate(names)}, name,
-        ))
+        value = confidence[row][best]
+        decisions.append(RoutingDecision(name if value >= threshold else None, value,
+                                         dict(zip(names, confidence[row])), name))
     return decisions
