@@ -354,25 +354,20 @@ class ImageSignature:
                    int(views), tuple(image_hashes))
 
     # ------------------------------------------------------------------------------------ scoring
-    @functools.cached_property
-    def _float64(self) -> tuple[torch.Tensor, ...]:
-        """``(mean, components, eigenvalues, residual, calibration)`` in float64, converted once: scoring one image
-        against nine signatures otherwise spends a third of its time converting them again."""
-        return tuple(getattr(self, name).detach().double() for name in SIGNATURE_TENSORS)
-
     def score(self, descriptors: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` descriptors → ``[B]`` Mahalanobis distances² / D (lower: closer to the training images)."""
-        return _score(descriptors.double(), *self._float64[:4])
+        return _score(descriptors.double(), self.mean.double(), self.components.double(), self.eigenvalues.double(),
+                      self.residual.double())
 
     def relative_score(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores divided by the median held-out calibration score: comparable across adapters (1 = typical)."""
-        return scores / self._float64[4][CALIBRATION_POINTS // 2].clamp_min(1e-12)
+        return scores / self.calibration[CALIBRATION_POINTS // 2].double().clamp_min(1e-12)
 
     def confidence(self, scores: torch.Tensor) -> torch.Tensor:
         """``[B]`` in [0, 1]: the fraction of the adapter's held-out calibration views that score worse, up to their
         95th percentile; past it an exponential tail (each further q50-to-q95 distance divides it by e), so a few
         atypical training images do not make the adapter accept anything."""
-        return calibrated_confidence(self._float64[4], scores.double())
+        return calibrated_confidence(self.calibration.double(), scores.double())
 
     # ------------------------------------------------------------------------------------ storage
     def tensors(self) -> dict[str, torch.Tensor]:
