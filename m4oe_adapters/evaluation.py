@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import M4oEError
-from .inference import round_to_32, segment
+from .inference import mask_from_probabilities, round_to_32, segment
 from .metrics import score_mask, summarise
 from .scale import predict_mask_at_scale, resampling_factor
 
@@ -45,14 +45,14 @@ def prepare(sample, preset: dict[str, Any], in_chans: int) -> Prepared:
     return Prepared(tensor, np.asarray(label), image, sample, dict(meta or {}))
 
 
-def predict_mask(
+def predict_probabilities(
     predictor: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     input_size: Sequence[int],
     resize_mode: str = "crop",
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """``[H, W]`` class ids for a preprocessed ``[C, H, W]`` image, the way the expert was trained (see
+    """``[K, H, W]`` class probabilities for a preprocessed ``[C, H, W]`` image, the way the expert was trained (see
     :func:`m4oe_adapters.adapt.fit_modality`: native-resolution windows for ``crop``, resized input for ``resize``).
 
     ``progress``: a bar over the windows (``None``: only when the image needs more than
@@ -63,12 +63,26 @@ def predict_mask(
         with torch.no_grad():
             logits = predictor(small)
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        return logits[0].argmax(0)
+        return logits[0].softmax(0)
     if progress is None:
         windows = math.prod(math.ceil(s / (0.75 * w)) for s, w in zip(image.shape[-2:], round_to_32(input_size)))
         progress = windows > WINDOWS_WORTH_A_BAR
-    mask, _ = segment(predictor, image, input_size, progress=progress)
-    return mask
+    _, probabilities = segment(predictor, image, input_size, progress=progress)
+    return probabilities
+
+
+def predict_mask(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    input_size: Sequence[int],
+    resize_mode: str = "crop",
+    progress: bool | None = None,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """``[H, W]`` class ids for a preprocessed ``[C, H, W]`` image (:func:`predict_probabilities`, then the most
+    probable class, or the foreground above ``threshold``: :func:`~m4oe_adapters.inference.mask_from_probabilities`)."""
+    return mask_from_probabilities(predict_probabilities(predictor, image, input_size, resize_mode, progress),
+                                   threshold)
 
 
 def evaluate_samples(
@@ -87,12 +101,14 @@ def evaluate_samples(
     volumes: bool = False,
     scale: dict[str, Any] | None = None,
     pixel_size: float | None = None,
+    threshold: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every sample; bad files are skipped and reported, not fatal. ``progress``: a bar over the images (with
     ETA), and one over the windows of each large image.
 
     With ``scale`` (the adapter's recorded training scale, see :mod:`m4oe_adapters.scale`) each image is resampled
     to it before prediction and the mask back to the image's grid; the row's ``scale_factor`` says by how much.
+    With ``threshold`` (two-class adapters) the foreground is where its probability exceeds it, not the argmax.
 
     Returns:
         ``(rows, skipped)``: one row per image and class (``label`` = class name, plus a ``mean`` row per image)
@@ -119,7 +135,7 @@ def evaluate_samples(
             factor = resampling_factor(scale, prepared.raw, prepared.meta, pixel_size)
         mask = predict_mask_at_scale(predictor, prepared.image, input_size, resize_mode, scale=scale,
                                      raw=prepared.raw, meta=prepared.meta, pixel_size=pixel_size,
-                                     progress=None if progress else False).numpy()
+                                     progress=None if progress else False, threshold=threshold).numpy()
         label = prepared.label
         if label.max() >= num_classes:
             skipped.append({"path": str(sample.mask), "error": f"label value {label.max()} >= {num_classes} classes"})

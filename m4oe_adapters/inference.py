@@ -83,6 +83,22 @@ def flip_averaged(predictor: Predictor, tta: str = "none") -> Predictor:
     return averaged
 
 
+def mask_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """``[K, H, W]`` class probabilities → ``[H, W]`` int64 class ids: the most probable class, or with
+    ``threshold`` (two-class adapters only) the foreground wherever its probability exceeds it.
+
+    A threshold below 0.5 keeps pixels the adapter is less sure of: at a new site, where its foreground
+    probabilities fall, that can recover what the argmax misses (``m4oe eval --threshold``)."""
+    if threshold is None:
+        return probabilities.argmax(dim=0)
+    if probabilities.shape[0] != 2:
+        raise ConfigError(f"a foreground threshold applies to two-class adapters; this one has "
+                          f"{probabilities.shape[0]} classes (drop --threshold)")
+    if not 0.0 < float(threshold) < 1.0:
+        raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1, got {threshold}")
+    return (probabilities[1] > threshold).long()
+
+
 def segment(
     predictor: Predictor, image: torch.Tensor, roi_size: Sequence[int], **options
 ) -> tuple[torch.Tensor, torch.Tensor]:

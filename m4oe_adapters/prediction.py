@@ -97,12 +97,13 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
 
 def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None,
                   routing: str | None = None, device: torch.device | str | None = None,
-                  precision: str = "32", tta: str = "none") -> np.ndarray:
+                  precision: str = "32", tta: str = "none", threshold: float | None = None) -> np.ndarray:
     """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size (and
     ``routing`` ``"hard"``/``"soft"`` for the experts, default the model's). With ``device`` (where the model is),
     each window batch goes there and runs under ``precision`` (``"32"``, ``"bf16"``, ``"16"`` autocast); the image
     and its mask stay on the CPU. ``tta``: test-time augmentation over mirrored views
-    (:func:`~.inference.flip_averaged`)."""
+    (:func:`~.inference.flip_averaged`). ``threshold``: for a two-class modality, foreground where its probability
+    exceeds it (other modalities keep the most probable class)."""
     from .data import normalise
     from .inference import flip_averaged
 
@@ -118,7 +119,8 @@ def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta
         function = device_predictor(function, device if device is not None else module_device(model), precision)
     function = flip_averaged(function, tta)
     return predict_mask_at_scale(function, image, info.input_size, resize_mode,
-                                 scale=info.provenance.get("scale"), raw=raw, meta=meta).numpy()
+                                 scale=info.provenance.get("scale"), raw=raw, meta=meta,
+                                 threshold=threshold if info.num_classes == 2 else None).numpy()
 
 
 def output_path(source: Path, out_dir: Path, root: Path | None, keep_suffix: bool = False) -> Path:
@@ -186,6 +188,7 @@ def predict_files(
     device: torch.device | str | None = None,
     precision: str = "32",
     tta: str = "none",
+    threshold: float | None = None,
 ) -> list[PredictionResult]:
     """Segment every input; a bad or unknown file is reported in its result (and ``predictions.csv``) and the run
     goes on.
@@ -194,8 +197,8 @@ def predict_files(
     axis, see :func:`~.data.readers.through_plane_axis`) and written whole as NIfTI with the input's affine
     (identity for HDF5, which has none); a volume is routed as a whole, by up to 16 evenly spaced slices; its
     overlay shows a few slices in one PNG. PNG masks of two-class modalities hold 0/255, of more classes a palette
-    PNG of class ids (see :func:`~.data.write_mask`). ``device``/``precision``/``tta``: see :func:`predict_array`
-    (the model must already be on ``device``).
+    PNG of class ids (see :func:`~.data.write_mask`). ``device``/``precision``/``tta``/``threshold``: see
+    :func:`predict_array` (the model must already be on ``device``).
 
     Raises:
         ConfigError: an output file (a mask, an overlay or ``predictions.csv``) already exists and ``overwrite``
@@ -250,7 +253,8 @@ def predict_files(
                     from tqdm.auto import tqdm
 
                     slices = tqdm(slices, desc=source.name, unit="slice", leave=False)
-                masks = [predict_array(model, slice_[None], chosen, meta, device=device, precision=precision, tta=tta)
+                masks = [predict_array(model, slice_[None], chosen, meta, device=device, precision=precision, tta=tta,
+                                       threshold=threshold)
                          for slice_ in slices]
                 mask = np.moveaxis(np.stack(masks), 0, axis)
                 write_mask(mask, target, affine=affine)
@@ -266,7 +270,8 @@ def predict_files(
             if chosen is None:
                 results.append(_unknown(source, confidence))
                 continue
-            mask = predict_array(model, record.array, chosen, record.meta, device=device, precision=precision, tta=tta)
+            mask = predict_array(model, record.array, chosen, record.meta, device=device, precision=precision, tta=tta,
+                                 threshold=threshold)
             write_mask(mask, target, num_classes=model.modalities[chosen].num_classes)
             result = PredictionResult(source, target, chosen, chosen_by=how, confidence=confidence)
             if overlays:

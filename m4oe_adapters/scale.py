@@ -157,7 +157,7 @@ def resampling_factor(recorded: dict[str, Any] | None, raw: np.ndarray, meta: di
     return 1.0 if abs(factor - 1.0) < NEGLIGIBLE else factor
 
 
-def predict_mask_at_scale(
+def predict_probabilities_at_scale(
     predictor: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     input_size: Sequence[int],
@@ -169,25 +169,41 @@ def predict_mask_at_scale(
     pixel_size: float | None = None,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """``[H, W]`` class ids for a preprocessed ``[C, H, W]`` image, predicted at the adapter's recorded ``scale``
-    (measured on ``raw``, the image as read) and returned on the input's grid.
+    """``[K, H, W]`` class probabilities for a preprocessed ``[C, H, W]`` image, predicted at the adapter's recorded
+    ``scale`` (measured on ``raw``, the image as read) and returned on the input's grid.
 
     Only ``crop`` adapters (native-resolution windows) are resampled: a ``resize`` adapter sees every image resized
-    to its input size anyway. The class probabilities, not the mask, are resampled back (bilinear), so the mask on
-    the input's grid has smooth edges.
+    to its input size anyway. The class probabilities are resampled back (bilinear), so the mask on the input's grid
+    has smooth edges.
     """
-    from .evaluation import predict_mask
+    from .evaluation import predict_probabilities
     from .inference import segment
 
     factor = 1.0
     if resize_mode == "crop" and scale:
         factor = resampling_factor(scale, raw if raw is not None else image.numpy(), meta, pixel_size)
     if factor == 1.0:
-        return predict_mask(predictor, image, input_size, resize_mode, progress)
+        return predict_probabilities(predictor, image, input_size, resize_mode, progress)
     height, width = image.shape[-2:]
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
     resampled = F.interpolate(image[None], size=size, mode="area" if factor < 1 else "bilinear",
                               **({} if factor < 1 else {"align_corners": False}))[0]
     _, probabilities = segment(predictor, resampled, input_size)
-    probabilities = F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)
-    return probabilities[0].argmax(0)
+    return F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def predict_mask_at_scale(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    input_size: Sequence[int],
+    resize_mode: str = "crop",
+    *,
+    threshold: float | None = None,
+    **options,
+) -> torch.Tensor:
+    """``[H, W]`` class ids on the input's grid from :func:`predict_probabilities_at_scale` (``options``: its
+    keyword arguments): the most probable class, or the foreground above ``threshold`` (two-class adapters)."""
+    from .inference import mask_from_probabilities
+
+    return mask_from_probabilities(
+        predict_probabilities_at_scale(predictor, image, input_size, resize_mode, **options), threshold)

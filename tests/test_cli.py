@@ -113,6 +113,23 @@ def test_predict_with_flip_tta_gives_a_mirrored_image_the_mirrored_mask(adapter,
     assert not np.array_equal(plain, mirrored[:, ::-1])
 
 
+def test_predict_threshold_grows_the_mask_below_one_half_and_is_checked(adapter, sites, tmp_path, capsys):
+    """`m4oe predict --threshold t`: at 0.5 the two-class argmax; lower, every pixel of it and more."""
+    masks = {}
+    for threshold in (None, "0.5", "0.05"):
+        out = tmp_path / str(threshold)
+        extra = [] if threshold is None else ["--threshold", threshold]
+        assert main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out", str(out),
+                     "--no-progress", *extra]) == 0
+        masks[threshold] = np.stack([np.asarray(Image.open(p)) > 0 for p in sorted(out.glob("*_mask.png"))])
+    assert np.array_equal(masks["0.5"], masks[None])
+    assert (masks["0.05"] >= masks[None]).all() and masks["0.05"].sum() > masks[None].sum()
+    with pytest.raises(SystemExit):
+        main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out",
+              str(tmp_path / "bad"), "--threshold", "1.5"])
+    assert "must lie strictly between 0 and 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_predict_a_nifti_volume_keeps_its_affine(adapter, tmp_path):
     import nibabel
 

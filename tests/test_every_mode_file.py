@@ -200,6 +200,8 @@ def test_protocol_reports_label_names_and_training_counts_and_saves_usable_files
     (["--train-sites", "A", "--test-sites", "B", "--adapter-scale", "fov_diameter_px:540"],
      "--adapter-scale applies only when evaluating an --adapter"),
     (["--train-sites", "A", "--test-sites", "B", "--tta", "flips"], "--tta applies only when evaluating an --adapter"),
+    (["--train-sites", "A", "--test-sites", "B", "--threshold", "0.3"],
+     "--threshold applies only when evaluating an --adapter"),
     (["--train-sites", "A", "--test-sites", "B", "--modes", "full,scratch", "--rank", "4"],
      "--rank does not apply to --modes full,scratch"),
     (["--train-sites", "A", "--test-sites", "B", "--adapter", "a.safetensors"], "give one of them"),

@@ -54,3 +54,32 @@ def test_sliding_window_masks_of_a_mirrored_image_are_the_mirrored_masks():
 def test_an_unknown_augmentation_is_refused():
     with pytest.raises(ConfigError, match="unknown test-time augmentation 'rot'"):
         flip_averaged(lambda x: x, "rot")
+
+
+def test_a_foreground_threshold_keeps_the_pixels_above_it_and_only_for_two_classes():
+    from m4oe_adapters.inference import mask_from_probabilities
+
+    foreground = torch.tensor([[0.1, 0.3, 0.45], [0.5, 0.51, 0.9]])
+    probabilities = torch.stack([1 - foreground, foreground])
+    assert mask_from_probabilities(probabilities).tolist() == [[0, 0, 0], [0, 1, 1]]  # argmax (0.5 ties to 0)
+    assert mask_from_probabilities(probabilities, 0.25).tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert mask_from_probabilities(probabilities, 0.6).tolist() == [[0, 0, 0], [0, 0, 1]]
+    with pytest.raises(ConfigError, match="two-class adapters; this one has 3 classes"):
+        mask_from_probabilities(torch.full((3, 2, 2), 1 / 3), 0.3)
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        mask_from_probabilities(probabilities, 1.0)
+
+
+def test_predict_applies_the_threshold_to_two_class_modalities_and_keeps_the_argmax_for_the_others():
+    import numpy as np
+
+    from conftest import tiny_model
+    from m4oe_adapters.prediction import predict_array
+
+    model = tiny_model(modalities=("CT", "MRI"))  # CT: 2 classes, MRI: 3
+    raw = (np.random.default_rng(0).random((1, 64, 64)) * 255).astype(np.float32)
+    meta = {"dtype": "uint8"}
+    for modality, changes in (("CT", True), ("MRI", False)):
+        plain = predict_array(model, raw, modality, meta)
+        low = predict_array(model, raw, modality, meta, threshold=0.05)
+        assert (not np.array_equal(plain, low)) is changes, modality

@@ -27,6 +27,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def open_probability(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` and ``--threshold``: how ``eval`` and ``predict`` turn an adapter's outputs into masks."""
+    parser.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
+                        help="test-time augmentation: average the logits over mirrored views (flip: left-right, "
+                             "2 passes; flips: left-right, up-down and both, 4 passes)")
+    parser.add_argument("--threshold", type=open_probability, default=None,
+                        help="two-class adapters: foreground where its probability exceeds this (0-1) instead of "
+                             "the most probable class (default: the most probable class; predict keeps it for "
+                             "adapters of more classes, eval refuses them)")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice, usually the number of cores)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_backbone_arguments, add_runtime_arguments, add_threads_argument, apply_threads,
-                     load_backbone_from_args, runtime_from_args)
+from .common import (add_backbone_arguments, add_mask_arguments, add_runtime_arguments, add_threads_argument,
+                     apply_threads, load_backbone_from_args, runtime_from_args)
 from .data_args import add_data_arguments, comma_list, select_samples
 
 
@@ -40,9 +40,7 @@ def register(subparsers) -> None:
                              "(measured on its training images)")
     parser.add_argument("--pixel-size", type=float, default=None,
                         help="the images' pixel size, in the unit the adapter's scale uses (overrides headers)")
-    parser.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
-                        help="test-time augmentation: average the logits over mirrored views (flip: left-right, "
-                             "2 passes; flips: left-right, up-down and both, 4 passes)")
+    add_mask_arguments(parser)
     parser.add_argument("--save-adapters", default=None, help="protocol: folder for the trained adapters")
     parser.add_argument("--labels", default=None, help="comma-separated class names, background first, for the "
                         "report (default: the adapter's names; protocol: the dataset's known names, else class_<k>)")
@@ -74,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 # Flags of one of eval's two jobs, refused in the other rather than silently ignored.
 PROTOCOL_FLAGS = ("--test-sites", "--modes", "--shots", "--steps", "--batch", "--lr", "--rank", "--size", "--resize",
                   "--val", "--seed", "--save-adapters")
-ADAPTER_FLAGS = ("--adapter-scale", "--tta")
+ADAPTER_FLAGS = ("--adapter-scale", "--tta", "--threshold")
 LOW_RANK_MODES = ("experts", "decoder", "lora")
 
 
@@ -130,6 +128,9 @@ def evaluate_adapter_from_args(args):
     if len(label_names) != info.num_classes:
         raise ConfigError(f"--labels names {len(label_names)} classes, the adapter {args.adapter} has "
                           f"{info.num_classes} ({', '.join(info.label_names)})")
+    if args.threshold is not None and info.num_classes != 2:
+        raise ConfigError(f"--threshold applies to two-class adapters; {args.adapter} has {info.num_classes} classes "
+                          f"({', '.join(info.label_names)}): drop it")
     samples = select_samples(args, args.modality, comma_list(args.sites))
     scale = None
     if args.scale == "auto":
@@ -140,9 +141,12 @@ def evaluate_adapter_from_args(args):
         num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
         keep_predictions=True, progress=not args.no_progress, volumes=True, scale=scale, pixel_size=args.pixel_size,
+        threshold=args.threshold,
     )
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
              f"{info.provenance.get('sites')})", loaded.backbone_note, scale_note(scale)]
+    if args.threshold is not None:
+        notes.append(f"foreground where its probability exceeds {args.threshold:g} (--threshold), not the argmax")
     if args.tta != "none":
         notes.append(f"test-time augmentation {args.tta}: logits averaged over the image and its mirrored views")
     return rows, skipped, f"Evaluation of {args.adapter}", notes

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (add_backbone_arguments, add_runtime_arguments, add_threads_argument, apply_threads,
-                     load_backbone_from_args, runtime_from_args)
+from .common import (add_backbone_arguments, add_mask_arguments, add_runtime_arguments, add_threads_argument,
+                     apply_threads, load_backbone_from_args, runtime_from_args)
 
 
 def register(subparsers) -> None:
@@ -23,9 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--out", required=True, help="output folder; masks: NIfTI (class ids) for volumes, PNG for "
                         "images: 0/255 for two-class modalities, else a palette PNG whose values are class ids")
-    parser.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
-                        help="test-time augmentation: average the logits over mirrored views (flip: left-right, "
-                             "2 passes; flips: left-right, up-down and both, 4 passes)")
+    add_mask_arguments(parser)
     parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
     parser.add_argument("--slice-axis", type=int, default=None,
                         help="axis along which volumes are segmented slice by slice (default: the coarsest-spacing "
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     results = predict_files(model, args.inputs, args.out, modality=args.modality, overlays=args.overlay,
                             slice_axis=args.slice_axis, min_confidence=args.min_confidence, overwrite=args.overwrite,
                             progress=not args.no_progress, device=device, precision=precision,
-                            tta=args.tta)
+                            tta=args.tta, threshold=args.threshold)
     failed = [r for r in results if r.error]
     for result in results:
         if result.error:
