@@ -1,5 +1,6 @@
-"""Table and plot of a few-label sweep (examples/fewshot_sweep.py): mean ± sd over seeds per (mode, k), a 95 %
-interval of that mean (t distribution over the seeds), and Dice against k per mode.
+"""Table and plot of a few-label sweep (examples/fewshot_sweep.py, and the training-free ``threshold`` rows of
+examples/fewshot_threshold.py): mean ± sd over seeds per (mode, k), a 95 % interval of that mean (t distribution over
+the seeds), and Dice against k per mode.
 
     python examples/fewshot_table.py runs/fewshot_fundus [--png docs/fewshot_fundus.png]
     python examples/fewshot_table.py runs/fewshot_endoscopy --title "CVC-ClinicDB → Kvasir-SEG" --png docs/...
@@ -38,7 +39,7 @@ def main() -> None:
     rows = list(csv.DictReader(open(Path(args.folder) / "results.csv")))
     table = summarise(rows)
     ks = sorted({k for _, k in table if k != "0"}, key=lambda k: (k == "all", int(k) if k != "all" else 0))
-    modes = [m for m in ("experts", "full", "lora", "scratch") if any((m, k) in table for k in ks)]
+    modes = [m for m in ("experts", "full", "lora", "scratch", "threshold") if any((m, k) in table for k in ks)]
     print("| mode | " + " | ".join(f"k = {k}" for k in ks) + " |")
     print("|---|" + "---|" * len(ks))
     if ("zero-shot", "0") in table:
