@@ -230,7 +230,7 @@ def decide(signatures: Mapping, scores: torch.Tensor, min_confidence: float | No
     names = list(signatures)
     calibration = torch.stack([signatures[name].calibration.double() for name in names])  # [E, CALIBRATION_POINTS]
     by_adapter = scores.double().T  # [E, B]
-    relative = by_adapter / calibration[:, CALIBRATION_POINTS // 2 :][:, :1].clamp_min(1e-12)
+    relative = by_adapter / calibration[:, CALIBRATION_POINTS // 2, None].clamp_min(1e-12)  # as relative_score
     confidence = calibrated_confidence(calibration, by_adapter).T.tolist()  # [B][E]
     decisions = []
     for row, best in enumerate(relative.argmin(0).tolist()):

@@ -137,8 +137,7 @@ def evaluate_adapter_from_args(args):
         scale = parse_scale(args.adapter_scale) if args.adapter_scale else info.provenance.get("scale")
     rows, skipped = evaluate_samples(
         flip_averaged(device_predictor(loaded, device, precision), args.tta), samples, preset=info.preset,
-        in_chans=loaded.in_chans,
-        num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
+        in_chans=loaded.in_chans, num_classes=info.num_classes, label_names=label_names, input_size=info.input_size,
         resize_mode=info.provenance.get("resize_mode", "crop"), extra={"mode": loaded.mode},
         keep_predictions=True, progress=not args.no_progress, volumes=True, scale=scale, pixel_size=args.pixel_size,
         threshold=args.threshold,
