@@ -214,6 +214,22 @@ def test_eval_refuses_flags_of_the_job_it_is_not_doing(extra, message, data, tmp
     assert not out.exists()
 
 
+def test_eval_refuses_a_threshold_for_an_adapter_of_more_than_two_classes(data, tmp_path, capsys):
+    from m4oe_adapters.peft_interop import export_peft
+
+    from conftest import tiny_model
+
+    export_peft(tiny_model(modalities=("CT",)), "CT", tmp_path / "peft")
+    adapter = tmp_path / "mri.safetensors"  # on the command line's backbone, with 3 classes
+    assert main(["import-peft", str(tmp_path / "peft"), "-o", str(adapter), "--modality", "MRI", "--classes", "3",
+                 *TINY]) == 0
+    out = tmp_path / "report"
+    assert main(["eval", *TINY, "--data", str(data / "manifest.csv"), "--modality", "MRI", "--adapter", str(adapter),
+                 "--threshold", "0.3", "--out", str(out)]) == 2
+    assert "--threshold applies to two-class adapters" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_volume_given_to_predict_shows_a_bar_over_its_slices(tmp_path, capsys):
     import h5py
 
