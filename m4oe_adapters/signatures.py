@@ -80,8 +80,15 @@ def without_border(image: torch.Tensor | np.ndarray) -> torch.Tensor | None:
     if image.dim() == 2:
         image = image[None]
     height, width = image.shape[-2:]
-    tolerance = BORDER_TOLERANCE * float(image.max() - image.min())
-    flat = (image - image[:, :1, :1]).abs().amax(0) <= tolerance  # [H, W]: the pixel has the corner's colour
+    low, high = image.aminmax()
+    tolerance = BORDER_TOLERANCE * float(high - low)
+    corner = image[:, :1, :1]
+    # A frame needs one whole edge line of the corner's colour; most images have none, and then the four lines
+    # (not every pixel) are all that is compared.
+    edges = (image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1])
+    if not any(bool(((line - corner[:, 0]).abs().amax(0) <= tolerance).all()) for line in edges):
+        return None
+    flat = (image - corner).abs().amax(0) <= tolerance  # [H, W]: the pixel has the corner's colour
     rows, columns = flat.all(1).tolist(), flat.all(0).tolist()
 
     def run(values: list[bool], limit: int) -> int:
@@ -161,7 +168,15 @@ def _histogram(values: torch.Tensor, edges: list[float]) -> torch.Tensor:
     """Share of each sample's values in ``[edges[i], edges[i + 1])`` (increasing edges; values outside every bin count
     nowhere): ``[B, ...]`` → ``[B, len(edges) - 1]``, from one count of ``values >= edge`` per edge."""
     flat = values.reshape(values.shape[0], -1)
-    at_least = torch.stack([(flat >= edge).float().sum(1) for edge in edges], 1)  # exact counts below 2^24
+    low, high = flat.aminmax()
+    # An edge at or below every value counts them all, one above every value counts none: no comparison needed.
+    # Edges are compared in the values' dtype, as ``flat >= edge`` compares them.
+    bounds = torch.tensor(edges, dtype=flat.dtype, device=flat.device)
+    all_of = (bounds <= low).tolist()
+    none_of = (bounds > high).tolist()
+    every, none = torch.full((flat.shape[0],), float(flat.shape[1]), device=flat.device), flat.new_zeros(flat.shape[0])
+    at_least = torch.stack([every if all_of[i] else none if none_of[i] else
+                            (flat >= edge).float().sum(1) for i, edge in enumerate(edges)], 1)  # exact below 2^24
     return (at_least[:, :-1] - at_least[:, 1:]) / flat.shape[1]
 
 

@@ -281,6 +281,39 @@ def test_an_image_in_a_black_frame_routes_like_the_picture_inside_it():
     assert model.route([inner])[0].scores == exact.scores
 
 
+
+def test_a_frame_on_any_one_side_is_found():
+    """``without_border`` looks at the four edge lines first and stops when none has the corner's colour: a frame
+    on one side only (the corner is then frame colour only when the frame holds it) is still removed, whichever
+    side it is on, and a picture whose single corner pixel matches nothing else is left whole."""
+    from m4oe_adapters.signatures import without_border
+
+    generator = torch.Generator().manual_seed(3)
+    inner = torch.rand(3, 40, 50, generator=generator) + 1.0
+    for pad, expected in [((0, 0, 7, 0), inner), ((7, 0, 0, 0), inner)]:
+        assert torch.equal(without_border(torch.nn.functional.pad(inner, pad, value=0.0)), expected)
+    # a frame on the bottom (or right) only: the top-left corner is picture, so no edge line matches it
+    assert without_border(torch.nn.functional.pad(inner, (0, 0, 0, 7), value=0.0)) is None
+    assert without_border(torch.nn.functional.pad(inner, (0, 7, 0, 0), value=0.0)) is None
+    # bottom and right frames when the corner holds the frame colour (the top-left pixel of an L-shaped frame)
+    framed = torch.nn.functional.pad(inner, (0, 6, 0, 9), value=0.0)
+    framed[:, 0, 0] = 0.0
+    assert torch.equal(without_border(framed), framed[:, :-9, :-6])
+
+
+def test_histogram_counts_match_a_direct_count_when_edges_lie_outside_the_values():
+    """``_histogram`` skips the comparison for edges at or below every value (all count) or above every value (none
+    count); the shares must equal counting each bin directly, edges inside, at and beyond the values' range."""
+    from m4oe_adapters.signatures import _histogram
+
+    generator = torch.Generator().manual_seed(4)
+    values = torch.rand(3, 1, 20, 20, generator=generator) * 0.5 + 0.2   # in [0.2, 0.7]
+    values[0, 0, 0, 0], values[1, 0, 0, 0], values[2, 0, 0, 0] = 0.2, 0.5, 0.7  # an edge exactly at the maximum
+    for edges in ([0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 10.0], [-1.0, 0.2, 0.5, 1.0001], [0.8, 0.9], [-2.0, -1.0]):
+        flat = values.reshape(3, -1)
+        direct = torch.stack([((flat >= low) & (flat < high)).float().mean(1) for low, high in zip(edges, edges[1:])], 1)
+        assert torch.allclose(_histogram(values, edges), direct, atol=0, rtol=0), edges
+
 @pytest.mark.real_data
 def test_predict_routes_a_cardiac_volume_whole_although_its_apex_slices_look_like_ultrasound(zoo_model, tmp_path):
     """The 4 routing errors of eval-routing before volumes were routed whole and framed images scored without their
