@@ -77,7 +77,7 @@ def predict_mask(
     input_size: Sequence[int],
     resize_mode: str = "crop",
     progress: bool | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
 ) -> torch.Tensor:
     """``[H, W]`` class ids for a preprocessed ``[C, H, W]`` image (:func:`predict_probabilities`, then the most
     probable class, or the foreground above ``threshold``: :func:`~m4oe_adapters.inference.mask_from_probabilities`)."""
@@ -101,7 +101,7 @@ def evaluate_samples(
     volumes: bool = False,
     scale: dict[str, Any] | None = None,
     pixel_size: float | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every sample; bad files are skipped and reported, not fatal. ``progress``: a bar over the images (with
     ETA), and one over the windows of each large image.

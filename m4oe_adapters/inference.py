@@ -83,20 +83,45 @@ def flip_averaged(predictor: Predictor, tta: str = "none") -> Predictor:
     return averaged
 
 
-def mask_from_probabilities(probabilities: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+def mask_from_probabilities(probabilities: torch.Tensor, threshold: float | str | None = None) -> torch.Tensor:
     """``[K, H, W]`` class probabilities → ``[H, W]`` int64 class ids: the most probable class, or with
     ``threshold`` (two-class adapters only) the foreground wherever its probability exceeds it.
 
     A threshold below 0.5 keeps pixels the adapter is less sure of: at a new site, where its foreground
-    probabilities fall, that can recover what the argmax misses (``m4oe eval --threshold``)."""
+    probabilities fall, that can recover what the argmax misses (``m4oe eval --threshold``). ``threshold="otsu"``
+    chooses it per image without labels: Otsu's threshold of the image's foreground probabilities
+    (:func:`otsu_threshold`), for images that each hold the structure (vessels, a polyp): on an image without it,
+    Otsu splits the background's own probabilities."""
     if threshold is None:
         return probabilities.argmax(dim=0)
     if probabilities.shape[0] != 2:
         raise ConfigError(f"a foreground threshold applies to two-class adapters; this one has "
                           f"{probabilities.shape[0]} classes (drop --threshold)")
-    if not 0.0 < float(threshold) < 1.0:
-        raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1, got {threshold}")
+    if threshold == OTSU:
+        threshold = otsu_threshold(probabilities[1])
+    elif isinstance(threshold, str) or not 0.0 < float(threshold) < 1.0:
+        raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1 or be {OTSU!r}, "
+                          f"got {threshold!r}")
     return (probabilities[1] > threshold).long()
+
+
+OTSU = "otsu"
+
+
+def otsu_threshold(probability: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of a foreground-probability map (values in [0, 1]): the bin edge of a ``bins``-bin histogram
+    that maximises the between-class variance of the two sides; the upper edge of the best split, so the foreground
+    is ``probability > threshold``. A constant map has no split: 0.5 (the argmax)."""
+    counts = torch.histc(probability.detach().double().flatten(), bins=bins, min=0.0, max=1.0)
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    below = counts.cumsum(0)
+    above = below[-1] - below
+    mass = (counts * centres).cumsum(0)
+    between = (mass[-1] * below / below[-1] - mass) ** 2 / (below * above)
+    between = torch.where(torch.isfinite(between), between, torch.full_like(between, -1.0))
+    if float(between.max()) <= 0:
+        return 0.5
+    return float(int(between.argmax()) + 1) / bins
 
 
 def segment(

@@ -97,7 +97,7 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
 
 def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None,
                   routing: str | None = None, device: torch.device | str | None = None,
-                  precision: str = "32", tta: str = "none", threshold: float | None = None) -> np.ndarray:
+                  precision: str = "32", tta: str = "none", threshold: float | str | None = None) -> np.ndarray:
     """``[H, W]`` class ids for one raw ``[C, H, W]`` image, with the modality's preset and input size (and
     ``routing`` ``"hard"``/``"soft"`` for the experts, default the model's). With ``device`` (where the model is),
     each window batch goes there and runs under ``precision`` (``"32"``, ``"bf16"``, ``"16"`` autocast); the image
@@ -188,7 +188,7 @@ def predict_files(
     device: torch.device | str | None = None,
     precision: str = "32",
     tta: str = "none",
-    threshold: float | None = None,
+    threshold: float | str | None = None,
 ) -> list[PredictionResult]:
     """Segment every input; a bad or unknown file is reported in its result (and ``predictions.csv``) and the run
     goes on.

@@ -198,7 +198,7 @@ def predict_mask_at_scale(
     input_size: Sequence[int],
     resize_mode: str = "crop",
     *,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     **options,
 ) -> torch.Tensor:
     """``[H, W]`` class ids on the input's grid from :func:`predict_probabilities_at_scale` (``options``: its

@@ -116,7 +116,7 @@ def test_predict_with_flip_tta_gives_a_mirrored_image_the_mirrored_mask(adapter,
 def test_predict_threshold_grows_the_mask_below_one_half_and_is_checked(adapter, sites, tmp_path, capsys):
     """`m4oe predict --threshold t`: at 0.5 the two-class argmax; lower, every pixel of it and more."""
     masks = {}
-    for threshold in (None, "0.5", "0.05"):
+    for threshold in (None, "0.5", "0.05", "otsu"):
         out = tmp_path / str(threshold)
         extra = [] if threshold is None else ["--threshold", threshold]
         assert main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out", str(out),
@@ -124,6 +124,7 @@ def test_predict_threshold_grows_the_mask_below_one_half_and_is_checked(adapter,
         masks[threshold] = np.stack([np.asarray(Image.open(p)) > 0 for p in sorted(out.glob("*_mask.png"))])
     assert np.array_equal(masks["0.5"], masks[None])
     assert (masks["0.05"] >= masks[None]).all() and masks["0.05"].sum() > masks[None].sum()
+    assert masks["otsu"].shape == masks[None].shape and not np.array_equal(masks["otsu"], masks[None])
     with pytest.raises(SystemExit):
         main(["predict", str(sites / "B" / "images"), "--adapter", str(adapter), *TINY, "--out",
               str(tmp_path / "bad"), "--threshold", "1.5"])

@@ -70,6 +70,32 @@ def test_a_foreground_threshold_keeps_the_pixels_above_it_and_only_for_two_class
         mask_from_probabilities(probabilities, 1.0)
 
 
+
+def test_otsu_threshold_is_the_split_of_largest_between_class_variance_and_chosen_per_image():
+    """``threshold="otsu"``: per image, the histogram split that maximises the between-class variance (checked
+    against a direct search over every split); a low-contrast map (a new site's under-confident adapter) gets a
+    threshold below 0.5 and keeps its faint foreground; a constant map falls back to 0.5."""
+    from m4oe_adapters.inference import mask_from_probabilities, otsu_threshold
+
+    generator = torch.Generator().manual_seed(0)
+    faint = torch.cat([torch.rand(900, generator=generator) * 0.1, 0.25 + torch.rand(100, generator=generator) * 0.1])
+    values = faint.double()
+    best, chosen = -1.0, None
+    for split in range(1, 256):  # foreground: values above split / 256
+        low, high = values[values <= split / 256], values[values > split / 256]
+        if len(low) and len(high):
+            centre = lambda v: ((torch.floor(v * 256).clamp(max=255) + 0.5) / 256).mean()  # noqa: E731 (bin centres)
+            variance = len(low) * len(high) / len(values) ** 2 * float(centre(low) - centre(high)) ** 2
+            if variance > best + 1e-12:
+                best, chosen = variance, split / 256
+    assert otsu_threshold(faint) == pytest.approx(chosen) and 0.1 <= chosen < 0.25
+    probabilities = torch.stack([1 - faint, faint]).reshape(2, 25, 40)
+    mask = mask_from_probabilities(probabilities, "otsu")
+    assert mask.sum() == 100 and mask_from_probabilities(probabilities).sum() == 0  # the argmax keeps nothing
+    assert otsu_threshold(torch.full((8, 8), 0.3)) == 0.5
+    with pytest.raises(ConfigError, match="strictly between 0 and 1 or be 'otsu'"):
+        mask_from_probabilities(probabilities, "mean")
+
 def test_predict_applies_the_threshold_to_two_class_modalities_and_keeps_the_argmax_for_the_others():
     import numpy as np
 

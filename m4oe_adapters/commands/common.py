@@ -38,15 +38,22 @@ def open_probability(text: str) -> float:
     return value
 
 
+def threshold_value(text: str) -> float | str:
+    """argparse type of ``--threshold``: a number strictly between 0 and 1, or ``otsu``."""
+    return "otsu" if text.strip().lower() == "otsu" else open_probability(text)
+
+
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
     """``--tta`` and ``--threshold``: how ``eval`` and ``predict`` turn an adapter's outputs into masks."""
     parser.add_argument("--tta", choices=["none", "flip", "flips"], default="none",
                         help="test-time augmentation: average the logits over mirrored views (flip: left-right, "
                              "2 passes; flips: left-right, up-down and both, 4 passes)")
-    parser.add_argument("--threshold", type=open_probability, default=None,
+    parser.add_argument("--threshold", type=threshold_value, default=None,
                         help="two-class adapters: foreground where its probability exceeds this (0-1) instead of "
-                             "the most probable class (default: the most probable class; predict keeps it for "
-                             "adapters of more classes, eval refuses them)")
+                             "the most probable class, or 'otsu': chosen per image from its own probabilities, no "
+                             "labels (for images that each hold the structure; it helped at new sites, see the "
+                             "README) (default: the most probable class; predict keeps it for adapters of more "
+                             "classes, eval refuses them)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -145,7 +145,9 @@ def evaluate_adapter_from_args(args):
     notes = [f"adapter {args.adapter} ({info.name}, {loaded.mode} mode, trained on sites "
              f"{info.provenance.get('sites')})", loaded.backbone_note, scale_note(scale)]
     if args.threshold is not None:
-        notes.append(f"foreground where its probability exceeds {args.threshold:g} (--threshold), not the argmax")
+        chosen = ("Otsu's threshold of each image's probabilities" if args.threshold == "otsu"
+                  else f"{args.threshold:g}")
+        notes.append(f"foreground where its probability exceeds {chosen} (--threshold), not the argmax")
     if args.tta != "none":
         notes.append(f"test-time augmentation {args.tta}: logits averaged over the image and its mirrored views")
     return rows, skipped, f"Evaluation of {args.adapter}", notes
