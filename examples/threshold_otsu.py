@@ -2,8 +2,14 @@
 foreground probabilities (``m4oe eval/predict --threshold otsu``), from one prediction per image.
 
     python examples/threshold_otsu.py --adapter adapters_zoo/fundus.safetensors --dataset CHASE_DB1
+    python examples/threshold_otsu.py --adapter adapters_zoo/fundus.safetensors --dataset DRIVE --split test
+    python examples/threshold_otsu.py --adapter adapters_zoo/endoscopy.safetensors --dataset CVC-ClinicDB \
+        --in-domain-of adapters_zoo/reports/endoscopy/metrics.csv      # the zoo's own held-out sequences
     python examples/threshold_otsu.py --adapter adapters_zoo/endoscopy.safetensors --dataset Kvasir-SEG \
-        --manifest runs/fewshot_endoscopy/kvasir-seg_split.csv --split test
+        --manifest runs/fewshot_endoscopy/kvasir-seg_split.csv --split test    # split files: examples/fewshot_sweep.py
+    python examples/threshold_otsu.py --adapter runs/fewshot_endoscopy_rev/source_kvasir.safetensors \
+        --dataset CVC-ClinicDB --manifest runs/fewshot_endoscopy_rev/cvc-clinicdb_split.csv --split test
+    python examples/threshold_otsu.py --adapter adapters_zoo/xray.safetensors --dataset CXR_lung_imlab_demo
 
 Images: the manifest's rows of ``--dataset`` (``--split``: only rows of that split hint), predicted as ``m4oe eval``
 predicts them (the adapter's preset, scale harmonisation, windows). Reported: mean Dice (%) at the argmax, with
@@ -43,6 +49,8 @@ def main() -> None:
     parser.add_argument("--manifest", default=None, help="default: DATA/manifest.csv")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", default=None, help="only rows with this split hint (default: every row)")
+    parser.add_argument("--in-domain-of", default=None, metavar="METRICS_CSV",
+                        help="only the images of this report's in-domain rows (a zoo report's metrics.csv)")
     parser.add_argument("--out", default=None, help="per-image CSV")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -51,6 +59,10 @@ def main() -> None:
     manifest = Path(args.manifest) if args.manifest else Path(args.data) / "manifest.csv"
     samples = [s for s in read_manifest(manifest) if s.dataset == args.dataset
                and (args.split is None or s.split_hint == args.split)]
+    if args.in_domain_of:
+        listed = {row["image"] for row in csv.DictReader(open(args.in_domain_of, newline="")) if row["domain"] == "in"}
+        tail = lambda path: Path(path).parts[-3:]  # noqa: E731  (DATASET/images/NAME: the report's data root may differ)
+        samples = [s for s in samples if tail(s.image) in {tail(image) for image in listed}]
     rows, start = [], time.perf_counter()
     for sample in samples:
         prepared = prepare(sample, info.preset, loaded.in_chans)
