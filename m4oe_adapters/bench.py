@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .adapter_file import load_adapter, save_adapter
 from .backbones import load_backbone
@@ -250,7 +251,9 @@ def run_benchmark(
         thumbnails = torch.rand(8, 3, 160, 160, generator=generator) * (0.4 + 0.2 * index)
         model.set_signature(f"m{index}", ImageSignature.fit(thumbnails, views=2, seed=index))
     for size in (1, batch):
-        x = torch.randn(size, 3, img_size, img_size).to(device)
+        # smooth random images (noise upsampled 8x): routing refuses pixel noise before any signature scores it
+        x = F.interpolate(torch.randn(size, 3, img_size // 8, img_size // 8), size=(img_size, img_size),
+                          mode="bilinear", align_corners=False).to(device)
         mixed = [f"m{i % 4}" for i in range(size)] if size >= 4 else ["m0"] * size
         with torch.no_grad():
             routed = [d.modality for d in model.route(x, min_confidence=0.0)]  # the router's choice for these images

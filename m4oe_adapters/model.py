@@ -20,8 +20,8 @@ from .decoder import ModalityDecoder, PackedDecoder
 from .errors import ConfigError, UnknownImageError
 from .experts import ModalityExpertLinear
 from .injection import inject_experts
-from .routing import RoutingDecision, RoutingState, route_views, route_volumes
-from .signatures import ImageSignature, routing_descriptors
+from .routing import RoutingDecision, RoutingState, refuse_noise, route_views, route_volumes, volume_is_noise
+from .signatures import ImageSignature, as_image_list, looks_like_noise, routing_descriptors
 
 EXPERT_TENSORS = ("lora_A", "lora_B", "router_key")
 
@@ -191,17 +191,23 @@ class SegmentationModel(nn.Module):
             min_confidence: acceptance threshold in [0, 1] (default: each adapter's stored one).
 
         Only adapters with a signature take part. Costs one 160-px thumbnail per image (two for an image framed by
-        a constant-colour border: with and without it, each adapter keeps its better fit), no backbone pass.
+        a constant-colour border: with and without it, each adapter keeps its better fit), no backbone pass. Pixel
+        noise is refused whatever the threshold (``reason="noise"``, :func:`~.signatures.looks_like_noise`).
         """
         candidates = self._signed_adapters()
-        return route_views(candidates, routing_descriptors(images), min_confidence)
+        images = as_image_list(images)
+        return refuse_noise(route_views(candidates, routing_descriptors(images), min_confidence),
+                            [looks_like_noise(image) for image in images])
 
     def route_volume(self, slices, min_confidence: float | None = None) -> RoutingDecision:
         """One decision for a whole volume from some or all of its slices (``[S, C, H, W]`` or a list of
         ``[C, H, W]``): each adapter's median score over the slices, so every slice of a scan goes to the same
-        adapter and a few atypical slices do not decide it (:func:`~m4oe_adapters.routing.route_volumes`)."""
+        adapter and a few atypical slices do not decide it (:func:`~m4oe_adapters.routing.route_volumes`). A volume
+        most of whose slices are pixel noise is refused (``reason="noise"``)."""
         candidates = self._signed_adapters()
-        return route_volumes(candidates, [routing_descriptors(slices)], min_confidence)[0]
+        slices = as_image_list(slices)
+        decision = route_volumes(candidates, [routing_descriptors(slices)], min_confidence)[0]
+        return refuse_noise([decision], [volume_is_noise([looks_like_noise(image) for image in slices])])[0]
 
     def _signed_adapters(self) -> dict:
         candidates = {name: self.signatures[name] for name in self.modalities if name in self.signatures}

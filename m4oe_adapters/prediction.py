@@ -92,7 +92,10 @@ def choose_modality(model: SegmentationModel, requested: str | None, meta: dict,
         decision = model.route_volume(list(volume), min_confidence)
     else:
         decision = model.route([raw], min_confidence)[0]
-    return decision.modality, "router", decision.confidence
+    return decision.modality, NOISE_REFUSAL if decision.reason == "noise" else "router", decision.confidence
+
+
+NOISE_REFUSAL = "router: pixel noise"  # how an input that is pixel noise was refused (predictions.csv, chosen_by)
 
 
 def predict_array(model: SegmentationModel, raw: np.ndarray, modality: str, meta: dict | None = None,
@@ -244,7 +247,7 @@ def predict_files(
                 chosen, how, confidence = choose_modality(model, modality, {"source": source}, None, min_confidence,
                                                           volume=routing_slices)
                 if chosen is None:
-                    results.append(_unknown(source, confidence))
+                    results.append(_unknown(source, confidence, how))
                     continue
                 meta = {"dtype": str(volume.dtype)}
                 if spacing is not None:  # in-plane spacing of the slices: adapters that recorded one resample to it
@@ -268,7 +271,7 @@ def predict_files(
             chosen, how, confidence = choose_modality(model, modality, {**record.meta, "source": source},
                                                       record.array, min_confidence)
             if chosen is None:
-                results.append(_unknown(source, confidence))
+                results.append(_unknown(source, confidence, how))
                 continue
             mask = predict_array(model, record.array, chosen, record.meta, device=device, precision=precision, tta=tta,
                                  threshold=threshold)
@@ -284,12 +287,14 @@ def predict_files(
     return results
 
 
-def _unknown(source: Path, confidence: float | None) -> PredictionResult:
-    return PredictionResult(
-        source, None, None, chosen_by="router", confidence=confidence, unknown=True,
-        error=f"unknown: fits no loaded adapter (best confidence {confidence:.2g}); pass --modality to force one, "
-              "or lower --min-confidence",
-    )
+def _unknown(source: Path, confidence: float | None, how: str = "router") -> PredictionResult:
+    if how == NOISE_REFUSAL:
+        error = ("unknown: the image is pixel noise (neighbouring pixels do not correlate), refused whatever "
+                 "--min-confidence says; pass --modality to force one")
+    else:
+        error = (f"unknown: fits no loaded adapter (best confidence {confidence:.2g}); pass --modality to force one, "
+                 "or lower --min-confidence")
+    return PredictionResult(source, None, None, chosen_by=how, confidence=confidence, unknown=True, error=error)
 
 
 def write_decisions(results: Sequence[PredictionResult], path: Path) -> Path:

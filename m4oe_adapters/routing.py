@@ -144,12 +144,16 @@ class RoutingDecision:
             of its own held-out calibration images that fit it worse than this image.
         scores: every scored adapter's confidence, by modality.
         nearest: the best-fitting adapter even when unknown (what it would have been sent to).
+        reason: why an unknown image was refused: ``"confidence"`` (no adapter's confidence reached its threshold)
+            or ``"noise"`` (its neighbouring pixels do not correlate: pixel noise, refused whatever the scores,
+            :func:`~m4oe_adapters.signatures.looks_like_noise`); ``None`` when it was accepted.
     """
 
     modality: str | None
     confidence: float
     scores: dict[str, float]
     nearest: str | None = None
+    reason: str | None = None
 
     @property
     def unknown(self) -> bool:
@@ -237,6 +241,20 @@ def decide(signatures: Mapping, scores: torch.Tensor, min_confidence: float | No
         name = names[best]
         threshold = signatures[name].min_confidence if min_confidence is None else float(min_confidence)
         value = confidence[row][best]
-        decisions.append(RoutingDecision(name if value >= threshold else None, value,
-                                         dict(zip(names, confidence[row])), name))
+        accepted = value >= threshold
+        decisions.append(RoutingDecision(name if accepted else None, value, dict(zip(names, confidence[row])), name,
+                                         None if accepted else "confidence"))
     return decisions
+
+
+def refuse_noise(decisions: Sequence[RoutingDecision], noise: Sequence[bool]) -> list[RoutingDecision]:
+    """``decisions`` with every image flagged as pixel noise made unknown (reason ``"noise"``), its scores kept."""
+    if len(decisions) != len(noise):
+        raise DataError(f"{len(noise)} noise flags for {len(decisions)} decisions")
+    return [RoutingDecision(None, decision.confidence, decision.scores, decision.nearest, "noise") if flagged
+            else decision for decision, flagged in zip(decisions, noise)]
+
+
+def volume_is_noise(flags: Sequence[bool]) -> bool:
+    """A volume is noise when more than half of its routing slices are (a few noisy end slices do not decide)."""
+    return 2 * sum(bool(flag) for flag in flags) > len(flags)

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .routing import decide, view_scores, volume_routing_indices
-from .signatures import ImageSignature, image_hash, routing_descriptors
+from .routing import decide, refuse_noise, view_scores, volume_is_noise, volume_routing_indices
+from .signatures import ImageSignature, image_hash, looks_like_noise, routing_descriptors
 
 SYNTHETIC_UNKNOWNS = ("uniform noise", "blank frame", "grey ramp", "checkerboard")
 # thresholds whose false rejection / unknown rates are reported
@@ -33,6 +33,7 @@ class RoutedImage:
     expected: str | None  # the adapter it belongs to; None: no loaded adapter is made for it
     views: torch.Tensor  # [V, D]: signatures.routing_descriptors of the image
     volume: list[torch.Tensor] | None = None  # a slice: its volume's routing slices (view stacks), which decide it
+    noise: bool = False  # pixel noise (signatures.looks_like_noise; for a slice, its volume's): refused as predict does
 
 
 def synthetic_unknowns(count: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -87,18 +88,21 @@ def describe_samples(samples: Sequence, expected: Mapping[str, str | None], sign
 
         iterator = tqdm(chosen, desc="describing images", unit="image")
     volumes: dict[tuple[str, int], torch.Tensor] = {}
+    volume_noise: dict[tuple[str, int], bool] = {}
     for sample in iterator:
         axis = getattr(sample, "slice_axis", 2)
         record = read_image(sample.image, slice_axis=axis, slice_index=sample.slice_index)
         views = routing_descriptors([record.array])[0]
         source = str(sample.image) + ("" if sample.slice_index is None else f"#slice{sample.slice_index}")
-        volume = None
+        volume, noise = None, looks_like_noise(record.array)
         if sample.slice_index is not None and "volume_shape" in record.meta:  # routed with its whole volume
             key = (str(sample.image), record.meta["slice_axis"])
             if key not in volumes:
-                volumes[key] = routing_descriptors(volume_routing_slices(sample, record.meta))
-            volume = volumes[key]
-        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), views, volume))
+                slices = volume_routing_slices(sample, record.meta)
+                volumes[key] = routing_descriptors(slices)
+                volume_noise[key] = volume_is_noise([looks_like_noise(image) for image in slices])
+            volume, noise = volumes[key], volume_noise[key]
+        routed.append(RoutedImage(source, sample.dataset, expected.get(sample.dataset), views, volume, noise))
     return routed
 
 
@@ -126,7 +130,8 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
     """
     names = list(signatures)
     scores = image_scores(signatures, images)  # an adapter's column depends on its signature only
-    decisions = decide(signatures, scores, min_confidence)
+    noise = [image.noise for image in images]
+    decisions = refuse_noise(decide(signatures, scores, min_confidence), noise)
     rows, confusion = [], {}
     for image, decision in zip(images, decisions):
         chosen = decision.modality or "unknown"
@@ -145,7 +150,7 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
         """Decisions for ``rows`` with adapter ``name`` left out: its column dropped."""
         others = {other: signatures[other] for other in names if other != name}
         columns = [names.index(other) for other in others]
-        return decide(others, scores[rows][:, columns], threshold)
+        return refuse_noise(decide(others, scores[rows][:, columns], threshold), [noise[row] for row in rows])
 
     for name in names:
         own = [i for i, image in enumerate(images) if image.expected == name]
@@ -165,7 +170,7 @@ def evaluate_routing(signatures: Mapping[str, ImageSignature], images: Sequence[
         entry["rejected"] += int(decision.unknown)
     sweep = []
     for threshold in SWEEP:
-        strict = decide(signatures, scores, threshold)
+        strict = refuse_noise(decide(signatures, scores, threshold), noise)
         own = [d.unknown for image, d in zip(images, strict) if image.expected in signatures]
         left_out = []
         for name in names:

@@ -184,6 +184,66 @@ def test_a_blank_frame_fits_no_zoo_adapter_and_is_refused(zoo_model):
     assert caught.value.decisions[0].unknown
 
 
+
+@pytest.mark.parametrize("kind", ["uniform colour", "uniform grey", "gaussian colour", "salt and pepper", "small"])
+def test_pixel_noise_is_refused_by_the_zoo_whatever_the_threshold(zoo_model, kind):
+    """White noise used to fit the dermoscopy signature well enough to be segmented (confidence 0.002-0.007
+    against the stored 0.001). Its neighbouring pixels do not correlate, which no image of any modality does: it is
+    refused before the scores, even with min_confidence 0, and model(images) raises."""
+    generator = torch.Generator().manual_seed(1)
+    image = {"uniform colour": lambda: torch.rand(3, 300, 400, generator=generator) * 255,
+             "uniform grey": lambda: torch.rand(1, 256, 256, generator=generator),
+             "gaussian colour": lambda: torch.randn(3, 512, 512, generator=generator),
+             "salt and pepper": lambda: (torch.rand(1, 200, 300, generator=generator) > 0.5).float(),
+             "small": lambda: torch.rand(3, 64, 64, generator=generator)}[kind]()
+    for threshold in (None, 0.0):
+        decision = zoo_model.route([image], min_confidence=threshold)[0]
+        assert decision.unknown and decision.reason == "noise" and decision.nearest in zoo_model.modalities
+    volume = zoo_model.route_volume([image[:1]] * 3 + [torch.rand(1, 64, 64, generator=generator)] * 2)
+    assert volume.unknown and volume.reason == "noise"
+    if kind == "uniform grey":
+        with pytest.raises(UnknownImageError):
+            zoo_model(torch.nn.functional.interpolate(image[None], size=(64, 64)).expand(1, 3, 64, 64))
+
+
+def test_noise_refusal_is_decided_by_neighbour_correlation_only():
+    """Upsampled or smoothed noise correlates and goes to the signatures (the tiny model accepts it at
+    min_confidence 0); a few noisy slices do not make a volume noise; a constant image is not noise."""
+    from m4oe_adapters.signatures import NOISE_CORRELATION, looks_like_noise, neighbour_correlation
+
+    generator = torch.Generator().manual_seed(2)
+    white = torch.rand(1, 128, 128, generator=generator)
+    grain = torch.rand(1, 64, 64, generator=generator).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert abs(neighbour_correlation(white)) < 0.05 and looks_like_noise(white)
+    assert neighbour_correlation(grain) > NOISE_CORRELATION and not looks_like_noise(grain)
+    assert neighbour_correlation(torch.full((3, 32, 32), 7.0)) == 1.0 and not looks_like_noise(torch.zeros(8, 8))
+    model = signed_tiny_model()
+    assert model.route([grain], min_confidence=0.0)[0].modality is not None
+    assert model.route([white], min_confidence=0.0)[0].reason == "noise"
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8, generator=generator), size=(128, 128),
+                                             mode="bilinear", align_corners=False)[0]
+    assert model.route_volume([smooth] * 3 + [white] * 2, min_confidence=0.0).modality is not None
+    assert model.route_volume([smooth] * 2 + [white] * 3, min_confidence=0.0).reason == "noise"
+
+
+@pytest.mark.real_data
+def test_no_image_of_the_shared_data_looks_like_noise(manifest_samples):
+    """The noise threshold (NOISE_CORRELATION) sits far below every image of every dataset: the lowest measured
+    neighbour correlation, spinal-cord MRI, was 0.69. Up to 40 images or slices per dataset, seeded."""
+    from m4oe_adapters.data import read_image
+    from m4oe_adapters.signatures import NOISE_CORRELATION, neighbour_correlation
+
+    by_dataset = {}
+    for sample in manifest_samples:
+        by_dataset.setdefault(sample.dataset, []).append(sample)
+    lowest = {}
+    for dataset, samples in by_dataset.items():
+        random.Random(0).shuffle(samples)
+        values = [neighbour_correlation(read_image(s.image, slice_axis=getattr(s, "slice_axis", 2),
+                                                   slice_index=s.slice_index).array) for s in samples[:40]]
+        lowest[dataset] = min(values)
+    assert len(lowest) >= 10 and min(lowest.values()) > NOISE_CORRELATION + 0.3, lowest
+
 def test_set_modality_still_segments_every_image_with_that_modality(zoo_model):
     images = torch.rand(2, 3, 64, 64)
     zoo_model.set_modality("fundus")
@@ -221,14 +281,15 @@ def test_adding_or_removing_an_adapter_leaves_the_other_adapters_scores_bit_iden
 
 
 def _kinds(count: int, kind: str, generator: torch.Generator) -> list[torch.Tensor]:
-    """Grey slices of one look: smooth blobs, fine noise or stripes (routing normalises intensity away)."""
+    """Grey slices of one look: smooth blobs, fine noise or stripes (routing normalises intensity away). The
+    "noise" kind is grain of 2-px blocks: pixel noise itself is refused before any signature scores it."""
     slices = []
     for _ in range(count):
         if kind == "smooth":
             image = torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, generator=generator), size=(96, 96),
                                                     mode="bicubic", align_corners=False)[0]
         elif kind == "noise":
-            image = torch.rand(1, 96, 96, generator=generator)
+            image = torch.rand(1, 48, 48, generator=generator).repeat_interleave(2, 1).repeat_interleave(2, 2)
         else:
             frequency = 0.2 + 0.3 * float(torch.rand(1, generator=generator))
             image = torch.sin(torch.arange(96.0) * frequency).expand(96, 96)[None].clone()
@@ -341,7 +402,7 @@ def test_predict_routes_a_cardiac_volume_whole_although_its_apex_slices_look_lik
 
 def test_min_confidence_decides_what_counts_as_unknown():
     model = signed_tiny_model()
-    images = torch.rand(3, 3, 64, 64)
+    images = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 8), size=(64, 64), mode="bilinear")  # not noise
     assert all(d.unknown for d in model.route(images, min_confidence=1.0 + 1e-9))
     assert not any(d.unknown for d in model.route(images, min_confidence=0.0))
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..routing_eval import (RoutedImage, check_report_folder, describe_samples, evaluate_routing,
                                 synthetic_unknowns, write_routing_report)
-    from ..signatures import ImageSignature, routing_descriptors
+    from ..signatures import ImageSignature, looks_like_noise, routing_descriptors
     from .data_args import default_data_root
 
     check_report_folder(args.out, args.overwrite)
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     images = describe_samples(samples, expected, signatures, args.max_per_dataset, args.seed,
                               progress=not args.no_progress)
     for source, array in synthetic_unknowns(args.synthetic_unknowns, args.seed):
-        images.append(RoutedImage(source, "synthetic", None, routing_descriptors([array])[0]))
+        images.append(RoutedImage(source, "synthetic", None, routing_descriptors([array])[0],
+                                  noise=looks_like_noise(array)))
     report = evaluate_routing(signatures, images, args.min_confidence)
     if args.dice:
         from ..routing_eval import routed_dice

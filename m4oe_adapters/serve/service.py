@@ -260,6 +260,9 @@ class Service:
                 scores[served.name] = max(float(score), scores.get(served.name, float("-inf")))
         confidence = float(getattr(decision, "confidence", 0.0))
         chosen = self.registry.by_slot(decision.modality) if decision.modality is not None else None
+        if chosen is None and getattr(decision, "reason", None) == "noise":
+            raise UnknownModality("unknown modality: the image is pixel noise (neighbouring pixels do not correlate), "
+                                  "refused whatever the routing scores; pass ?modality=NAME to force one")
         if chosen is None:
             best = max(scores.items(), key=lambda item: item[1], default=None)
             raise UnknownModality(
