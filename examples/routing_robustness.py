@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m4oe_adapters.adapter_file import load_adapter, model_from_adapter
 from m4oe_adapters.data import read_image, read_manifest
 from m4oe_adapters.signatures import image_hash
-from m4oe_adapters.zoo import read_index
+from m4oe_adapters.zoo import load_zoo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_routing import EXPECTED  # noqa: E402  (datasets -> the zoo adapter their images belong to)
@@ -98,11 +97,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("M4OE_DATA", "../shared/data"))
     parser.add_argument("--per-dataset", type=int, default=15)
     args = parser.parse_args()
-    zoo = Path(args.zoo)
-    files = [zoo / entry["file"] for entry in read_index(zoo)["adapters"]]
-    model = model_from_adapter(files[0], zoo / "backbone")
-    for path in files[1:]:
-        load_adapter(model, path)
+    model = load_zoo_model(args.zoo)
     seen = {h for signature in model.signatures.values() for h in signature.image_hashes}
     samples = read_manifest(Path(args.data) / "manifest.csv", nonempty_slices=True)
     chosen = []

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m4oe_adapters.adapter_file import load_adapter, model_from_adapter
 from m4oe_adapters.signatures import neighbour_correlation
-from m4oe_adapters.zoo import read_index
+from m4oe_adapters.zoo import load_zoo_model
 
 SAMPLE_DATA = Path(os.path.dirname(matplotlib.__file__)) / "mpl-data" / "sample_data"
 
@@ -58,11 +57,7 @@ def main() -> None:
     parser.add_argument("--zoo", default="adapters_zoo")
     parser.add_argument("--photo", action="append", default=[])
     args = parser.parse_args()
-    zoo = Path(args.zoo)
-    files = [zoo / entry["file"] for entry in read_index(zoo)["adapters"]]
-    model = model_from_adapter(files[0], zoo / "backbone")
-    for path in files[1:]:
-        load_adapter(model, path)
+    model = load_zoo_model(args.zoo)
     print("| input | decision | refused because | best fit (confidence) | neighbour correlation |")
     print("|---|---|---|---|---|")
     refused = 0

@@ -77,6 +77,19 @@ def load_reference_backbone(zoo: str | Path | None = None):
     return load_backbone(entry["spec"], zoo / entry["path"], img_size=entry.get("img_size", 224))
 
 
+def load_zoo_model(zoo: str | Path | None = None):
+    """A :class:`~m4oe_adapters.model.SegmentationModel` on the zoo's backbone with every indexed adapter loaded
+    (the setting routing is evaluated in)."""
+    from .adapter_file import load_adapter, model_from_adapter
+
+    zoo = Path(zoo) if zoo else default_zoo()
+    files = [zoo / entry["file"] for entry in read_index(zoo)["adapters"]]
+    model = model_from_adapter(files[0], backbone_weights(zoo))
+    for path in files[1:]:
+        load_adapter(model, path)
+    return model
+
+
 def verify(zoo: str | Path | None = None) -> list[dict[str, Any]]:
     """Check each file's sha256 and that each adapter loads on the reference backbone.
 
