@@ -112,7 +112,7 @@ def otsu_threshold(probability: torch.Tensor, bins: int = 256) -> float:
     """Otsu's threshold of a foreground-probability map (values in [0, 1]): the bin edge of a ``bins``-bin histogram
     that maximises the between-class variance of the two sides; the upper edge of the best split, so the foreground
     is ``probability > threshold``. A constant map has no split: 0.5 (the argmax)."""
-    counts = torch.histc(probability.detach().double().flatten(), bins=bins, min=0.0, max=1.0)
+    counts = torch.histc(probability.detach().to("cpu", torch.float64).flatten(), bins=bins, min=0.0, max=1.0)
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
     below = counts.cumsum(0)
     above = below[-1] - below

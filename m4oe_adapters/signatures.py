@@ -139,8 +139,11 @@ def neighbour_correlation(image: torch.Tensor | np.ndarray) -> float:
 
 def looks_like_noise(image: torch.Tensor | np.ndarray) -> bool:
     """Whether an image is pixel noise (:func:`neighbour_correlation` under :data:`NOISE_CORRELATION`): routing
-    refuses it whatever the signatures say. Smoothed or upsampled noise correlates and is left to the signatures."""
-    return neighbour_correlation(image) < NOISE_CORRELATION
+    refuses it whatever the signatures say. An image in a constant-colour frame is judged by the picture inside
+    (a frame's equal neighbours would hide noise). Smoothed or upsampled noise correlates and is left to the
+    signatures."""
+    inner = without_border(image)
+    return neighbour_correlation(image if inner is None else inner) < NOISE_CORRELATION
 
 
 def routing_descriptors(images) -> list[torch.Tensor]:

@@ -93,6 +93,8 @@ def test_otsu_threshold_is_the_split_of_largest_between_class_variance_and_chose
     mask = mask_from_probabilities(probabilities, "otsu")
     assert mask.sum() == 100 and mask_from_probabilities(probabilities).sum() == 0  # the argmax keeps nothing
     assert otsu_threshold(torch.full((8, 8), 0.3)) == 0.5
+    if torch.cuda.is_available():  # probabilities on the GPU give the same threshold
+        assert otsu_threshold(faint.cuda()) == otsu_threshold(faint)
     with pytest.raises(ConfigError, match="strictly between 0 and 1 or be 'otsu'"):
         mask_from_probabilities(probabilities, "mean")
 
