@@ -108,6 +108,24 @@ def mask_from_probabilities(probabilities: torch.Tensor, threshold: float | str 
 OTSU = "otsu"
 
 
+def parse_threshold(value: float | str | None) -> float | str | None:
+    """A foreground threshold as given (a number, or text from a query string): ``None``, ``"otsu"`` or a number
+    strictly between 0 and 1; anything else is a :class:`ConfigError` saying what is accepted."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == OTSU:
+            return OTSU
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"the foreground threshold must be a number strictly between 0 and 1 or {OTSU!r}, "
+                              f"got {value!r}") from None
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1 or be {OTSU!r}, got {value!r}")
+    return float(value)
+
+
 def otsu_threshold(probability: torch.Tensor, bins: int = 256) -> float:
     """Otsu's threshold of a foreground-probability map (values in [0, 1]): the bin edge of a ``bins``-bin histogram
     that maximises the between-class variance of the two sides; the upper edge of the best split, so the foreground

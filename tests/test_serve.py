@@ -84,6 +84,27 @@ def test_png_upload_returns_a_png_mask_of_the_same_size_equal_to_in_process_pred
             assert set(answer["timings_ms"]) >= {"decode_ms", "predict_ms", "encode_ms"}
 
 
+
+def test_a_threshold_query_gives_the_mask_predict_gives_for_two_classes_and_is_checked(server, reference):
+    """`?threshold=T` or `?threshold=otsu`: the mask of `predict --threshold` for a two-class adapter, the most
+    probable class for an adapter of more classes (the answer says which was applied); a bad value is a 400."""
+    model, _ = reference
+    data, raw = random_png(150, 97, seed=1)
+    with server.client() as client:
+        for modality, threshold in (("CT", "0.05"), ("CT", "otsu"), ("MRI", "0.05")):
+            response = client.post("/v1/segment", params={"modality": modality, "threshold": threshold}, content=data)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            applied = (float(threshold) if threshold != "otsu" else "otsu") if modality == "CT" else None
+            assert answer["threshold"] == applied
+            expected = predict_array(model, raw, modality, {"dtype": "uint8"}, threshold=applied)
+            np.testing.assert_array_equal(decode_png(mask_of(answer)), expected)
+        plain = decode_png(mask_of(client.post("/v1/segment", params={"modality": "CT"}, content=data).json()))
+        low = predict_array(model, raw, "CT", {"dtype": "uint8"}, threshold=0.05)
+        assert (low > 0).sum() > (plain > 0).sum()  # the threshold changed the mask
+        response = client.post("/v1/segment", params={"modality": "CT", "threshold": "1.5"}, content=data)
+        assert response.status_code == 400 and "strictly between 0 and 1" in response.json()["error"]
+
 def test_nifti_upload_returns_a_nifti_mask_with_the_same_affine_and_shape(server, reference):
     import nibabel
 

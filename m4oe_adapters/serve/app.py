@@ -186,12 +186,15 @@ def create_app(service: Service, tokens: Tokens) -> FastAPI:
 
     @app.post("/v1/segment", dependencies=[Depends(predict_scope)], openapi_extra=BINARY_BODY,
               summary="segment an image, NIfTI volume, DICOM file or zipped DICOM series")
-    async def segment(request: Request, modality: str | None = None, name: str = "upload") -> dict:
-        """Body: the file's bytes. Without ``modality`` the image-level router chooses (422 when none fits)."""
+    async def segment(request: Request, modality: str | None = None, name: str = "upload",
+                      threshold: str | None = None) -> dict:
+        """Body: the file's bytes. Without ``modality`` the image-level router chooses (422 when none fits).
+        ``threshold`` (two-class adapters): a number between 0 and 1 or ``otsu`` instead of the most probable class."""
         data = await _read_body(request, service.settings.max_body_bytes)
         if modality:
             request.state.log["modality"] = modality
-        result = await anyio.to_thread.run_sync(lambda: service.segment(data, modality=modality, name=name[:200]))
+        result = await anyio.to_thread.run_sync(
+            lambda: service.segment(data, modality=modality, name=name[:200], threshold=threshold))
         request.state.log.update(modality=result.info["modality"], adapter=result.info["adapter"]["version"],
                                  routed_by=result.info["routing"]["by"])
         return {**result.info, "mask": {**result.info["mask"], "base64": base64.b64encode(result.data).decode()}}

@@ -21,6 +21,7 @@ from ..adapter_file import read_header
 from ..config import DecoderConfig, ExpertConfig
 from ..data import normalise
 from ..evaluation import predict_mask
+from ..inference import parse_threshold
 from ..model import SegmentationModel
 from .batching import MicroBatcher
 from .errors import Busy, RoutingUnavailable, UnknownModality
@@ -181,13 +182,17 @@ class Service:
         return self.batcher.alive and len(self.registry) > 0
 
     # ------------------------------------------------------------------------------------------- segmenting
-    def segment(self, data: bytes, *, modality: str | None = None, name: str = "upload") -> Segmentation:
+    def segment(self, data: bytes, *, modality: str | None = None, name: str = "upload",
+                threshold: float | str | None = None) -> Segmentation:
         """Segment one upload (image, NIfTI volume, DICOM file or zipped series).
 
         Args:
             data: the file's bytes.
             modality: a served modality name, or ``None`` to let the router decide.
             name: the upload's name in messages.
+            threshold: for a two-class adapter, the foreground where its probability exceeds this (0-1), or
+                ``"otsu"`` (each image's own Otsu threshold); ``None``: the most probable class. Adapters of more
+                classes keep the most probable class; the answer's ``threshold`` says what was applied.
 
         Raises:
             Busy (503), PayloadTooLarge (413), UnsupportedMediaType (415), UnknownModality / RoutingUnavailable
@@ -197,12 +202,12 @@ class Service:
             raise Busy(f"{self.settings.max_in_flight} requests are being served; retry shortly")
         self.metrics.in_flight.inc()
         try:
-            return self._segment(data, modality, name)
+            return self._segment(data, modality, name, parse_threshold(threshold))
         finally:
             self.metrics.in_flight.dec()
             self._in_flight.release()
 
-    def _segment(self, data: bytes, modality: str | None, name: str) -> Segmentation:
+    def _segment(self, data: bytes, modality: str | None, name: str, threshold: float | str | None) -> Segmentation:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         upload = decode(data, max_pixels=self.settings.max_pixels, max_series_bytes=self.settings.max_body_bytes,
@@ -211,9 +216,10 @@ class Service:
         clock = time.perf_counter()
         version, routing = self._choose(upload, modality)
         timings["route_ms"] = _since(clock)
+        applied = threshold if version.info.num_classes == 2 else None
         try:
             clock = time.perf_counter()
-            masks = self._predict(upload, version)
+            masks = self._predict(upload, version, applied)
             timings["predict_ms"] = _since(clock)
         finally:
             self.registry.release(version)
@@ -224,6 +230,7 @@ class Service:
         info = {
             "modality": version.name,
             "routing": routing,
+            "threshold": applied,
             "labels": list(version.info.label_names),
             "adapter": {key: value for key, value in version.describe().items()
                         if key in ("name", "version", "sha256", "file")},
@@ -272,7 +279,8 @@ class Service:
             )
         return self.registry.acquire(chosen.name), {"by": "router", "confidence": confidence, "scores": scores}
 
-    def _predict(self, upload: Upload, version: AdapterVersion) -> list[np.ndarray]:
+    def _predict(self, upload: Upload, version: AdapterVersion, threshold: float | str | None = None
+                 ) -> list[np.ndarray]:
         """``[H, W]`` class ids per image: the adapter's preset, then its windows or resize, tiles batched."""
         info = version.info
         in_chans = self.model.backbone.in_chans
@@ -287,7 +295,8 @@ class Service:
                 self._submitting += 1
             try:
                 image = torch.from_numpy(np.ascontiguousarray(normalise(raw, meta, info.preset, in_chans))).float()
-                return predict_mask(predictor, image, info.input_size, resize_mode).numpy().astype(dtype)
+                return predict_mask(predictor, image, info.input_size, resize_mode,
+                                    threshold=threshold).numpy().astype(dtype)
             finally:
                 with self._submitting_lock:
                     self._submitting -= 1
