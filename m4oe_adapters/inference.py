@@ -97,11 +97,9 @@ def mask_from_probabilities(probabilities: torch.Tensor, threshold: float | str 
     if probabilities.shape[0] != 2:
         raise ConfigError(f"a foreground threshold applies to two-class adapters; this one has "
                           f"{probabilities.shape[0]} classes (drop --threshold)")
+    threshold = parse_threshold(threshold)
     if threshold == OTSU:
         threshold = otsu_threshold(probabilities[1])
-    elif isinstance(threshold, str) or not 0.0 < float(threshold) < 1.0:
-        raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1 or be {OTSU!r}, "
-                          f"got {threshold!r}")
     return (probabilities[1] > threshold).long()
 
 
@@ -119,7 +117,7 @@ def parse_threshold(value: float | str | None) -> float | str | None:
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"the foreground threshold must be a number strictly between 0 and 1 or {OTSU!r}, "
+            raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1 or be {OTSU!r}, "
                               f"got {value!r}") from None
     if not 0.0 < float(value) < 1.0:
         raise ConfigError(f"the foreground threshold must lie strictly between 0 and 1 or be {OTSU!r}, got {value!r}")

@@ -27,20 +27,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def open_probability(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
 def threshold_value(text: str) -> float | str:
-    """argparse type of ``--threshold``: a number strictly between 0 and 1, or ``otsu``."""
-    return "otsu" if text.strip().lower() == "otsu" else open_probability(text)
+    """argparse type of ``--threshold``: a number strictly between 0 and 1, or ``otsu``
+    (:func:`~m4oe_adapters.inference.parse_threshold`, which the service uses too)."""
+    from ..inference import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
