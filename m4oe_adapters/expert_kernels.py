@@ -121,10 +121,16 @@ class PerSampleLowRankLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
 
 
+# Device types with an autocast, found once here: ``torch.amp.is_autocast_available`` is a C builtin that
+# torch.compile cannot trace (torch 2.11 breaks the graph on it), a set lookup it can.
+_AUTOCAST_DEVICES = frozenset(kind for kind in ("cpu", "cuda", "xpu", "mps", "hpu")
+                              if torch.amp.is_autocast_available(kind))
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would compute a linear layer in for ``x``'s device, or ``None`` outside autocast."""
     device_type = x.device.type
-    if not x.is_floating_point() or not torch.amp.is_autocast_available(device_type):
+    if not x.is_floating_point() or device_type not in _AUTOCAST_DEVICES:
         return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -165,8 +171,11 @@ def low_rank_linear(
 
     Inference folds the update into a temporary weight (:func:`_fold_for_inference`), so an unmerged expert runs at
     nearly the frozen backbone's speed while the stored weight stays untouched; training uses the fused
-    :class:`LowRankLinearFunction`.
+    :class:`LowRankLinearFunction`. Under ``torch.autocast`` it computes in the autocast dtype (module docstring).
     """
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        return _run_cast(low_rank_linear, autocast_dtype, x, weight, bias, lora_a, lora_b, scaling)
     if not _fusable(x, weight, bias, lora_a, lora_b):
         return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * scaling
     rows = x.reshape(-1, x.shape[-1])

@@ -255,14 +255,16 @@ def cosine_schedule(optimizer, warmup: int, steps: int):
 
 
 def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)``; initialises a gloo/nccl process group when launched by torchrun."""
+    """``(rank, world_size)``; initialises the process group when launched by torchrun: gloo for CPU tensors and,
+    where CUDA is present, NCCL for CUDA tensors (a run on the CPU of a GPU machine needs gloo: with NCCL alone DDP
+    failed there, "No backend type associated with device type cpu")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -30,6 +30,44 @@ def test_timm_safetensors_checkpoint_loads_its_exact_weights(timm_checkpoint):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("module_name", ["swin_transformer", "swin_transformer_v2"])
+def test_a_headless_timm_layout_file_loads_under_timms_older_layout_rule(tmp_path, monkeypatch, module_name):
+    """timm before 1.0.31 took every file without ``head.fc.weight`` for Microsoft's layout and moved its
+    downsampling layers one stage on, so a headless file in timm's own layout (what ``m4oe pretrain`` and the zoo
+    backbone are) lost 9 tensors and was refused on a machine with timm 1.0.29. Here the current filter runs behind
+    that older rule: the loader must still take every tensor from the file."""
+    import re
+
+    import safetensors.torch
+    import timm
+
+    module = getattr(timm.models, module_name)
+    current = module.checkpoint_filter_fn
+
+    def older_rule(state_dict, model):
+        if "head.fc.weight" in state_dict:  # timm 1.0.29: "native" only when the classifier says so
+            return current(state_dict, model)
+        moved = {re.sub(r"layers.(\d+).downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key): value
+                 for key, value in state_dict.items()}
+        return current(moved, model)
+
+    monkeypatch.setattr(module, "checkpoint_filter_fn", older_rule)
+    name = TIMM_NAME if module_name == "swin_transformer" else "swinv2_tiny_window8_256"
+    torch.manual_seed(0)
+    args = dict(TINY_TIMM) if module_name == "swin_transformer" else dict(TINY_TIMM, window_size=4)
+    source = timm.create_model(name, pretrained=False, num_classes=0, img_size=64, **args).eval()
+    state = source.state_dict()
+    assert "head.fc.weight" not in state and "layers.1.downsample.reduction.weight" in state
+    path = tmp_path / "headless.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    backbone = load_backbone(f"timm:{name}", path, img_size=64, model_args=args)
+    assert backbone.load_report.tensors_from_file == backbone.load_report.tensors_in_backbone
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(source.forward_intermediates(x, intermediates_only=True), backbone(x)):
+            torch.testing.assert_close(a, b)
+
+
 def test_timm_pth_checkpoint_is_read_weights_only(tmp_path):
     path = tmp_path / "swin.pth"
     torch.save({"state_dict": tiny_timm_model().state_dict()}, path)

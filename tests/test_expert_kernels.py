@@ -1,6 +1,7 @@
 """The fused expert linear (``expert_kernels``) has the gradients of the plain composition and saves no more."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,3 +120,37 @@ def test_inference_folding_matches_the_training_path():
     with torch.no_grad():
         folded = per_sample_low_rank_linear(x, weight, bias, sample_a, sample_b, 0.5)
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["one expert", "per sample"])
+def test_under_autocast_the_fused_kernels_see_one_dtype_with_autocast_off(monkeypatch, layout):
+    """The module docstring's mixed-precision rule, for both kernels: every operand arrives in the autocast dtype
+    and autocast is off inside, so the in-place ``addmm_``/``baddbmm_`` never mix dtypes. CUDA's autocast does not
+    cast in-place ops: before this held for the one-expert kernel, every bf16 training step on a GPU failed with
+    "self and mat2 must have the same dtype" (seen on an H200); CPU autocast happened to hide it."""
+    from m4oe_adapters import expert_kernels
+
+    function = expert_kernels.LowRankLinearFunction if layout == "one expert" else \
+        expert_kernels.PerSampleLowRankLinearFunction
+    original = function.forward
+    seen = []
+
+    def spy(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        seen.append(({t.dtype for t in (x, weight, bias, lora_a, lora_b)}, torch.is_autocast_enabled("cpu")))
+        return original(ctx, x, weight, bias, lora_a, lora_b, scaling)
+
+    monkeypatch.setattr(function, "forward", staticmethod(spy))
+    generator = torch.Generator().manual_seed(0)
+    samples = 1 if layout == "one expert" else 2
+    x = torch.randn(samples, 5, 16, generator=generator)
+    weight, bias = torch.randn(12, 16, generator=generator), torch.randn(12, generator=generator)
+    lora_a = torch.randn(samples, 4, 16, generator=generator).requires_grad_()
+    lora_b = torch.randn(samples, 12, 4, generator=generator).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if layout == "one expert":
+            out = expert_kernels.low_rank_linear(x[0], weight, bias, lora_a[0], lora_b[0], 2.0)
+        else:
+            out = expert_kernels.per_sample_low_rank_linear(x, weight, bias, lora_a, lora_b, 2.0)
+    out.float().sum().backward()
+    assert seen == [({torch.bfloat16}, False)]
+    assert out.dtype == torch.bfloat16 and lora_a.grad.dtype == torch.float32 and lora_b.grad is not None

@@ -125,6 +125,25 @@ def test_training_an_adapter_leaves_the_backbone_bytes_unchanged():
 DDP_STEPS = 3
 
 
+def test_a_torchrun_process_group_on_a_gpu_machine_also_serves_cpu_tensors(monkeypatch):
+    """``m4oe train --device cpu`` under torchrun on a machine with a GPU: the process group must take CPU tensors
+    (with NCCL alone DDP failed there, seen on an H200), and still NCCL for CUDA tensors."""
+    import torch.distributed as dist
+
+    from m4oe_adapters.training import distributed_context
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed_context() == (1, 2)
+    mapping = dict(part.split(":") for part in backends[0].split(","))
+    assert mapping == {"cpu": "gloo", "cuda": "nccl"}
+
+
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights_equal_to_one_process_over_the_same_global_batch(tmp_path):
     """2 processes x 2 images per step (gloo, CPU) against 1 process x 4 images: with 8 images each step covers the

@@ -170,8 +170,19 @@ def load_timm_checkpoint(
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     originals = {id(value): tuple(value.shape) for value in tensors.values()}
     if filter_fn is not None:
+        # timm before 1.0.31 takes a file without ``head.fc.weight`` for Microsoft's layout and moves every
+        # downsampling layer one stage on; a headless file in timm's own layout (what ``m4oe pretrain`` writes: no
+        # stage-0 downsampling) then loses 9 tensors. A marker head tells those versions the layout; newer ones
+        # decide by stage 0's downsampling and pass the marker through; it is dropped after the filter.
+        marker = None
+        if "head.fc.weight" not in tensors and "layers.0.downsample.reduction.weight" not in tensors \
+                and any(".downsample." in key for key in tensors):
+            marker = torch.zeros(0)
+            tensors = {**tensors, "head.fc.weight": marker}
         try:
             tensors = filter_fn(tensors, model)
+            if marker is not None:  # the file had no head: whatever the filter made of the marker goes
+                tensors.pop("head.fc.weight", None)
         except (AttributeError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
             raise BackboneError(
                 f"{checkpoint.path}: timm's checkpoint filter for {spec} failed on this file "
