@@ -92,10 +92,11 @@ class BackboneSegmenter(nn.Module):
         self.expert_config, self.decoder_config = expert_config, decoder_config  # written into its file
         # The backbone as it was before LoRA injection or fine-tuning: its file names these starting weights.
         self.backbone_identity = backbone.identity()
+        weight = next(backbone.parameters())  # the decoder lives where the backbone does (a GPU, float64...)
         self.decoder = ModalityDecoder(
             backbone.feature_channels, backbone.in_chans, num_classes, decoder_config.channels,
             decoder_config.stem_channels,
-        )
+        ).to(device=weight.device, dtype=weight.dtype)
         if mode == "lora":
             import peft
 

@@ -268,6 +268,17 @@ def distributed_context() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def process_gpu() -> torch.device:
+    """The GPU of this torchrun process (one per process: ``LOCAL_RANK``); a typed error when there are more
+    processes than GPUs."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise ConfigError(f"torchrun process {local} has no GPU of its own ({count} visible): start at most "
+                          f"{count} per machine (--nproc_per_node {count}), or train on the CPU with --device cpu")
+    return torch.device("cuda", local)
+
+
 def rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     return {
@@ -335,7 +346,7 @@ def train(
     check_precision(config.precision)
     device = resolve_device(config.device) if config.device else module_device(segmenter)
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+        device = process_gpu()
         torch.cuda.set_device(device)
     segmenter.to(device)
     if config.gradient_checkpointing:

@@ -115,6 +115,24 @@ def test_three_channel_checkpoint_is_adapted_to_one_channel_like_timm(timm_check
     assert backbone(torch.randn(1, 1, 64, 64))[0].shape[1] == 16
 
 
+@pytest.mark.parametrize("source,target", [(3, 1), (3, 2), (3, 5), (1, 3), (4, 2)])
+def test_input_channels_are_adapted_by_timms_rule_whatever_the_timm_version(monkeypatch, source, target):
+    """timm's current ``adapt_input_conv(..., base_chans=C)`` rule, without depending on that argument: timm 1.0.29
+    has no ``base_chans`` (seen on a GPU machine: every 1-channel load failed there). Here timm's function is
+    swapped for one with the old signature; the loader must not need it, and gives the current rule's result."""
+    import timm.models._manipulate as manipulate
+
+    from m4oe_adapters.backbones.checkpoints import adapt_input_channels
+
+    current = manipulate.adapt_input_conv
+    weight = torch.randn(8, source, 4, 4, generator=torch.Generator().manual_seed(source))
+    expected = current(target, weight.clone(), base_chans=source)
+    monkeypatch.setattr(manipulate, "adapt_input_conv", lambda in_chans, conv_weight: conv_weight)
+    torch.testing.assert_close(adapt_input_channels(weight, target), expected)
+    volume = weight[..., None].repeat(1, 1, 1, 1, 2)  # a 3D kernel: the same rule per depth slice
+    torch.testing.assert_close(adapt_input_channels(volume, target), expected[..., None].repeat(1, 1, 1, 1, 2))
+
+
 def test_wrong_architecture_for_checkpoint_raises_backbone_error(timm_checkpoint):
     with pytest.raises(BackboneError, match="tiny_swin.safetensors"):
         load_backbone(f"timm:{TIMM_NAME}", timm_checkpoint, img_size=64, model_args={**TINY_TIMM, "embed_dim": 32})

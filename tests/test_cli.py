@@ -192,7 +192,7 @@ def test_train_command_completes_under_torchrun_and_rank_0_writes_the_adapter(si
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                "-m", "m4oe_adapters.cli", "train", *TINY, "--data", str(sites / "manifest.csv"), "--modality",
                "xray", "--sites", "A", "--steps", "4", "--batch", "2", "--size", "64", "--val", "2",
-               "-o", str(out), "--no-progress"]
+               "-o", str(out), "--no-progress", "--device", "cpu"]  # two processes: a one-GPU machine has one GPU
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

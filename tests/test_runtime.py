@@ -114,6 +114,21 @@ def test_an_unknown_precision_or_unavailable_device_is_a_config_error():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_baseline_segmenter_builds_its_decoder_where_its_backbone_lives(mode):
+    """``BackboneSegmenter`` on a backbone already moved (here to float64; on a GPU machine to CUDA, where the
+    benchmark's LoRA baseline failed with "Input type (torch.cuda.FloatTensor) and weight type
+    (torch.FloatTensor)"): the decoder follows the backbone, so the first forward runs."""
+    from m4oe_adapters.config import DecoderConfig, ExpertConfig
+    from m4oe_adapters.segmenters import BackboneSegmenter
+
+    from conftest import tiny_backbone
+
+    segmenter = BackboneSegmenter(tiny_backbone().double(), 2, mode, ExpertConfig(rank=4), DecoderConfig())
+    assert {p.dtype for p in segmenter.decoder.parameters()} == {torch.float64}
+    assert segmenter(torch.randn(1, 1, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
 @pytest.fixture
 def exact_float32():
     """fp32 matmuls and convolutions in full fp32 on CUDA: cuDNN takes TF32 for convolutions by default, which

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from m4oe_adapters import ExpertConfig
+from m4oe_adapters.errors import ConfigError
 from m4oe_adapters.segmenters import MODES, build_segmenter
 from m4oe_adapters.training import TrainConfig, train
 
@@ -144,6 +145,18 @@ def test_a_torchrun_process_group_on_a_gpu_machine_also_serves_cpu_tensors(monke
     assert mapping == {"cpu": "gloo", "cuda": "nccl"}
 
 
+def test_more_torchrun_processes_than_gpus_is_a_config_error_that_says_what_to_do(monkeypatch):
+    """Two processes on a one-GPU machine: the second used to ask for cuda:1 and die with CUDA's own error."""
+    from m4oe_adapters.training import process_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert process_gpu() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="--nproc_per_node 1.*--device cpu"):
+        process_gpu()
+
+
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights_equal_to_one_process_over_the_same_global_batch(tmp_path):
     """2 processes x 2 images per step (gloo, CPU) against 1 process x 4 images: with 8 images each step covers the
@@ -176,11 +189,16 @@ def test_two_process_ddp_ends_with_identical_weights_equal_to_one_process_over_t
     # four-image mean), and AdamW divides each update by sqrt(v), which amplifies those fp32 rounding differences for
     # elements whose gradient is near zero: on this model 2 of 91 tensors differ by about 1e-4 after 3 steps that
     # move them by 1e-2. A real fault (unsynchronised gradients, other images per step) moves every tensor by ~1e-3.
+    # On another CPU (an H200 machine's) one tensor had elements further than 3e-4 from the one-process run: what
+    # a fault does is move most elements of every tensor, so count the elements that are far.
     moved, close = 0, 0
     for key, value in reference.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key}: ranks differ"
-        torch.testing.assert_close(ranks[0][key], value, atol=3e-4, rtol=0, msg=key)
-        close += bool((ranks[0][key] - value).abs().max() <= 1e-5)
+        difference = (ranks[0][key] - value).abs()
+        far = int((difference > 3e-4).sum())
+        assert far <= max(2, 0.02 * value.numel()), \
+            f"{key}: {far} of {value.numel()} elements differ by more than 3e-4 (max {float(difference.max()):.2e})"
+        close += bool(difference.max() <= 1e-5)
         moved += bool((value - initial[key]).abs().max() > 1e-3)
     assert moved > len(reference) // 2  # training changed the tensors being compared
     assert close >= 0.9 * len(reference)

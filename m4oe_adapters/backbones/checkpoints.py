@@ -389,16 +389,19 @@ def check_complete(
 
 
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Adapt a first convolution's weight ``[out, C_src, *k]`` to ``in_chans`` inputs the way timm does
-    (sum for 1 channel; repeat and rescale otherwise)."""
-    from timm.models._manipulate import adapt_input_conv
-
-    if weight.shape[1] == in_chans:
+    """Adapt a first convolution's weight ``[out, C_src, *k]`` to ``in_chans`` inputs by timm's rule
+    (``adapt_input_conv`` with ``base_chans = C_src``): the sum over the source channels for one channel, else the
+    source channels repeated and cut to ``in_chans``, scaled by ``C_src / in_chans``. Written out here because the
+    ``base_chans`` argument only exists from timm 1.0.31 on (1.0.29, on a GPU machine, refused the call), and the
+    same rule serves 3D kernels."""
+    source = weight.shape[1]
+    if source == in_chans:
         return weight
-    if weight.dim() == 4:
-        return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
-    # 3D kernels: same rule, applied over the flattened spatial dims.
-    flat = weight.reshape(weight.shape[0], weight.shape[1], weight.shape[2], -1)
-    return adapt_input_conv(in_chans, flat, base_chans=weight.shape[1]).reshape(
-        weight.shape[0], in_chans, *weight.shape[2:]
-    )
+    dtype = weight.dtype
+    weight = weight.float()
+    if in_chans == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeat = -(-in_chans // source)
+        adapted = weight.repeat(1, repeat, *([1] * (weight.dim() - 2)))[:, :in_chans] * (source / in_chans)
+    return adapted.to(dtype)
