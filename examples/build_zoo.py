@@ -60,21 +60,21 @@ def main(argv=None) -> int:
     def backbone():
         return load_backbone(ARCH, weights, model_args=MODEL_ARGS, img_size=224)
 
-    names = [] if args.index_only or args.rescore else args.only.split(",") if args.only else list(RECIPES)
+    names = [] if args.index_only or args.rescore else args.only.split(",") if args.only else [name for name, recipe in RECIPES.items() if recipe.in_zoo]
     summary = {}
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
         members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()
         rows, skipped = run_protocol(
-            backbone, members, name, train_sites=[recipe.train_site],
+            backbone, members, name, train_sites=list(recipe.train_sites),
             test_sites=list(recipe.unseen_sites), modes=["experts"], shots=[None],
             train_config=recipe.train_config(args.seed), in_chans=3, size=(recipe.size, recipe.size),
             resize_mode=recipe.resize_mode, val_count=recipe.val_count, expert_config=ExpertConfig(rank=recipe.rank),
             max_test_images=args.max_test_images, save_dir=zoo / "work", progress=False,
         )
         test_sites = list(recipe.unseen_sites)
-        train_site = recipe.train_site
+        train_site = " + ".join(recipe.train_sites)
         in_domain, unseen = test_dice(rows)
         produced = zoo / "work" / f"{name}_experts_all.safetensors"
         final = zoo / f"{name}.safetensors"

@@ -34,6 +34,8 @@ class Recipe:
         datasets: manifest datasets the recipe reads (training site and unseen sites).
         train_site: site whose development images train and validate.
         unseen_sites: sites only ever tested on (and excluded from backbone pretraining).
+        extra_train_sites: further sites whose development images also train and validate (each site's held-out
+            images are tested in-domain).
         resize_mode: ``crop`` (native-resolution crops, sliding windows at prediction) or ``resize``.
         size: training input size (multiple of 32).
         batch_size, lr: AdamW batch and peak learning rate (cosine decay over ``max_steps``).
@@ -43,6 +45,7 @@ class Recipe:
         cpu_budget_minutes: wall-time cap.
         val_count: development images held out for validation.
         rank: LoRA rank of each expert.
+        in_zoo: whether ``examples/build_zoo.py`` builds it by default (one adapter per modality in the zoo).
     """
 
     name: str
@@ -50,6 +53,7 @@ class Recipe:
     datasets: tuple[str, ...]
     train_site: str
     unseen_sites: tuple[str, ...] = ()
+    extra_train_sites: tuple[str, ...] = ()
     resize_mode: str = "resize"
     size: int = 224
     batch_size: int = 4
@@ -60,7 +64,13 @@ class Recipe:
     cpu_budget_minutes: float = 45.0
     val_count: int = 4
     rank: int = 8
+    in_zoo: bool = True
     notes: str = field(default="", compare=False)
+
+    @property
+    def train_sites(self) -> tuple[str, ...]:
+        """Every site whose development images train this recipe's adapter."""
+        return (self.train_site, *self.extra_train_sites)
 
     def train_config(self, seed: int = 0):
         """The :class:`~m4oe_adapters.training.TrainConfig` of this recipe."""
@@ -77,8 +87,14 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in [
     Recipe("fundus", "fundus", ("DRIVE", "CHASE_DB1"), "DRIVE", ("CHASE_DB1",), resize_mode="crop",
            notes="thin vessels: native-resolution crops; scale harmonised by the field-of-view diameter"),
-    Recipe("endoscopy", "endoscopy", ("CVC-ClinicDB", "Kvasir-SEG"), "CVC-ClinicDB", ("Kvasir-SEG",),
-           notes="full polyp sets (the _subset folders are parts of them and are not used)"),
+    Recipe("endoscopy", "endoscopy", ("CVC-ClinicDB", "Kvasir-SEG"), "CVC-ClinicDB", (),
+           extra_train_sites=("Kvasir-SEG",), val_count=24,
+           notes="both full polyp sets, as the field trains polyp models (PraNet, Polyp-PVT: Kvasir-SEG + "
+                 "CVC-ClinicDB) for sites it has never seen; the _subset folders are parts of them and are not used"),
+    Recipe("endoscopy-clinicdb", "endoscopy", ("CVC-ClinicDB", "Kvasir-SEG"), "CVC-ClinicDB", ("Kvasir-SEG",),
+           in_zoo=False,
+           notes="CVC-ClinicDB only, Kvasir-SEG unseen: the source of the few-label polyp study and the zoo's "
+                 "endoscopy adapter until 2026-11-28"),
     Recipe("xray", "xray", ("CXR_COVID_GeneralBlockchain", "CXR_lung_imlab_demo"), "COVID-CXR-GeneralBlockchain",
            ("imlab-demo",)),
     Recipe("dermoscopy", "dermoscopy", ("PH2",), "PH2"),
