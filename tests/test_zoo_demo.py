@@ -58,3 +58,13 @@ def test_demo_runs_on_synthetic_images_and_says_so(tiny_zoo, tmp_path, monkeypat
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "mixed-modality batch" in report
     assert len(list(out.glob("batch_*.png"))) == 2
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_serve_bench_measures_the_model_alone_on_the_services_device(tiny_zoo, device):
+    """serve-bench's "model alone" ceiling ran on the CPU whatever --device said (its GPU report showed a 16-core
+    CPU's number as the GPU's); it now runs where the services run and says where."""
+    from m4oe_adapters.serve.loadtest import _model_batching
+
+    report = _model_batching(tiny_zoo, ["fundus", "dermoscopy"], 2, repeats=1, device=device)
+    assert report["device"].startswith(device) and report["one_batch_s"] > 0

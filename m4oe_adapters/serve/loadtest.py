@@ -341,7 +341,7 @@ def run_bench(zoo: str | Path, data_root: str | Path, *, requests: int = 72, con
         report["hot_swap"] = _hot_swap(server, tokens, batched, files, modalities, mixed_jobs, concurrency, seconds)
         log(f"  hot swap: {report['hot_swap']}")
     batched.close()
-    report["model_batching"] = _model_batching(zoo, modalities, max_batch)
+    report["model_batching"] = _model_batching(zoo, modalities, max_batch, device=device)
     log(f"  model alone, batch {max_batch} vs one at a time: {report['model_batching']}")
     unbatched = service(1)
     with LocalServer(unbatched, tokens) as server:
@@ -411,10 +411,12 @@ def _overhead(server: LocalServer, tokens: Tokens, zoo: Path, images, runs: int,
             "same_mask": bool(np.array_equal(served, mask))}
 
 
-def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int = 3) -> dict:
+def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int = 3, device: str = "cpu") -> dict:
     """The ceiling for any batcher on this machine: ``model(B tiles)`` (mixed modalities) vs ``B × model(1 tile)``,
-    in this process, no service involved (medians of ``repeats`` round-robin rounds)."""
+    in this process, no service involved (medians of ``repeats`` round-robin rounds), on the services' device."""
     import torch
+
+    from ..bench import synchronize
 
     from ..adapter_file import load_adapter, model_from_adapter
     from ..zoo import load_reference_backbone, read_index
@@ -424,21 +426,27 @@ def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int =
     model = model_from_adapter(zoo / entries[names[0]]["file"], None, backbone=load_reference_backbone(zoo)).eval()
     for name in names[1:]:
         load_adapter(model, zoo / entries[name]["file"])
-    tiles = torch.randn(batch, model.backbone.in_chans, TILE, TILE)
+    where = resolve_device(device)
+    model.to(where)
+    tiles = torch.randn(batch, model.backbone.in_chans, TILE, TILE).to(where)
     per_tile = [names[i % len(names)] for i in range(batch)]
     one_by_one, batched = [], []
     with torch.no_grad():
         model(tiles[:1], per_tile[0])  # warm-up
+        model(tiles, per_tile)
         for _ in range(repeats):
+            synchronize()
             start = time.perf_counter()
             for i in range(batch):
                 model(tiles[i : i + 1], per_tile[i])
+            synchronize()
             one_by_one.append(time.perf_counter() - start)
             start = time.perf_counter()
             model(tiles, per_tile)
+            synchronize()
             batched.append(time.perf_counter() - start)
     single, together = float(np.median(one_by_one)), float(np.median(batched))
-    return {"tiles": batch, "modalities": len(names), "one_at_a_time_s": round(single, 3),
+    return {"tiles": batch, "modalities": len(names), "device": str(where), "one_at_a_time_s": round(single, 3),
             "one_batch_s": round(together, 3), "gain": round(single / together, 3)}
 
 
