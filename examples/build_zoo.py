@@ -10,6 +10,7 @@ architecture with random weights, for the "does pretraining help" table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import os
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rescore", default=None,
                         help="comma-separated adapters of --zoo: recompute their test Dice from reports/NAME/metrics.csv "
                              "and rewrite it into the adapter's metadata (nothing is trained)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' step cap (cosine decay "
+                        "runs over it); the adapter records the recipe it was trained with")
+    parser.add_argument("--patience", type=int, default=None, help="override the recipes' patience (validations)")
     args = parser.parse_args(argv)
 
     zoo = Path(args.zoo)
@@ -64,6 +68,9 @@ def main(argv=None) -> int:
     summary = {}
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
+        overrides = {key: value for key, value in (("max_steps", args.max_steps), ("patience", args.patience))
+                     if value is not None}
+        recipe = dataclasses.replace(recipe, **overrides)
         members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()
         rows, skipped = run_protocol(
