@@ -367,8 +367,8 @@ def test_a_frame_on_any_one_side_is_found():
 
 
 def test_histogram_counts_match_a_direct_count_when_edges_lie_outside_the_values():
-    """``_histogram`` skips the comparison for edges at or below every value (all count) or above every value (none
-    count); the shares must equal counting each bin directly, edges inside, at and beyond the values' range."""
+    """``_histogram`` counts by ``bucketize`` + ``bincount``; the shares must equal counting each bin directly, with
+    edges inside, at and beyond the values' range (values on an edge belong to the bin above it)."""
     from m4oe_adapters.signatures import _histogram
 
     generator = torch.Generator().manual_seed(4)
