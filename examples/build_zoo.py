@@ -10,8 +10,8 @@ architecture with random weights, for the "does pretraining help" table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     def backbone():
         return load_backbone(ARCH, weights, model_args=MODEL_ARGS, img_size=224)
 
-    names = [] if args.index_only or args.rescore else args.only.split(",") if args.only else [name for name, recipe in RECIPES.items() if recipe.in_zoo]
+    default = [name for name, recipe in RECIPES.items() if recipe.in_zoo]  # one adapter per modality
+    names = [] if args.index_only or args.rescore else args.only.split(",") if args.only else default
     summary = {}
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py

@@ -416,9 +416,8 @@ def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int =
     in this process, no service involved (medians of ``repeats`` round-robin rounds), on the services' device."""
     import torch
 
-    from ..bench import synchronize
-
     from ..adapter_file import load_adapter, model_from_adapter
+    from ..bench import synchronize
     from ..zoo import load_reference_backbone, read_index
 
     entries = {e["modality"]: e for e in read_index(zoo)["adapters"]}
@@ -432,7 +431,7 @@ def _model_batching(zoo: Path, modalities: list[str], batch: int, repeats: int =
     per_tile = [names[i % len(names)] for i in range(batch)]
     one_by_one, batched = [], []
     with torch.no_grad():
-        model(tiles[:1], per_tile[0])  # warm-up
+        model(tiles[:1], per_tile[0])  # warm-up of both paths (a GPU also picks its kernels here)
         model(tiles, per_tile)
         for _ in range(repeats):
             synchronize()
