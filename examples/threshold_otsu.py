@@ -4,9 +4,12 @@ foreground probabilities (``m4oe eval/predict --threshold otsu``), from one pred
     python examples/threshold_otsu.py --adapter adapters_zoo/fundus.safetensors --dataset CHASE_DB1
     python examples/threshold_otsu.py --adapter adapters_zoo/fundus.safetensors --dataset DRIVE --split test
     python examples/threshold_otsu.py --adapter adapters_zoo/endoscopy.safetensors --dataset CVC-ClinicDB \
-        --in-domain-of adapters_zoo/reports/endoscopy/metrics.csv      # the zoo's own held-out sequences
-    python examples/threshold_otsu.py --adapter adapters_zoo/endoscopy.safetensors --dataset Kvasir-SEG \
+        --in-domain-of adapters_zoo/reports/endoscopy/metrics.csv      # the zoo's own held-out images (also Kvasir-SEG)
+    python examples/threshold_otsu.py --adapter OLD_ENDOSCOPY --dataset Kvasir-SEG \
         --manifest runs/fewshot_endoscopy/kvasir-seg_split.csv --split test    # split files: examples/fewshot_sweep.py
+
+(``OLD_ENDOSCOPY``: the CVC-ClinicDB-only adapter the README's first endoscopy rows measured, the zoo's until
+2026-11-28: ``git show b1a0060:adapters_zoo/endoscopy.safetensors > old_endoscopy.safetensors``.)
     python examples/threshold_otsu.py --adapter runs/fewshot_endoscopy_rev/source_kvasir.safetensors \
         --dataset CVC-ClinicDB --manifest runs/fewshot_endoscopy_rev/cvc-clinicdb_split.csv --split test
     python examples/threshold_otsu.py --adapter adapters_zoo/xray.safetensors --dataset CXR_lung_imlab_demo
