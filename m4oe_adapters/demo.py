@@ -141,7 +141,6 @@ def real_samples(data: str | Path | None) -> tuple[list | None, Path]:
 def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[str, Any]]:
     from .evaluation import prepare
     from .metrics import score_mask
-    from .protocol import split_in_domain
 
     size = 224
     rows, images, labels, names, raws = [], [], [], [], []
@@ -150,18 +149,11 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
             synthetic, masks = synthetic_images(1, model.backbone.in_chans, size, seed)
             image, label, raw, path = torch.from_numpy(synthetic[0]), masks[0], synthetic[0], f"synthetic_{name}"
         else:
-            # The adapter's own training data, by dataset when its provenance names them (zoo names such as
-            # "CT-lung-infection" are finer than the manifest's modality column), else by modality.
-            site = (info.provenance.get("sites") or [None])[0]
-            datasets = set(info.provenance.get("datasets") or [])
-            pool = [s for s in samples if (s.dataset in datasets if datasets else s.modality == name)
-                    and (site is None or s.site == site)]
-            if not pool:
+            sample = held_out_sample(name, info, samples)
+            if sample is None:
                 continue
-            # An image the adapter never trained on: the in-domain test split the zoo builder held out (same seed).
-            candidates = split_in_domain(pool, seed=0)[1]
             try:
-                prepared = prepare(candidates[0], info.preset, model.backbone.in_chans)
+                prepared = prepare(sample, info.preset, model.backbone.in_chans)
             except M4oEError:
                 continue
             # The batch needs one size: resize each image (and nearest-resize its label) to 224 x 224.
@@ -170,7 +162,7 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
                                                     size=(size, size), mode="nearest")[0, 0].long().numpy()
             raw = torch.nn.functional.interpolate(torch.from_numpy(prepared.raw)[None].float(), size=(size, size),
                                                   mode="bilinear")[0].numpy()
-            path = str(candidates[0].image)
+            path = str(sample.image)
         images.append(image)
         labels.append(label)
         names.append(name)
@@ -191,6 +183,23 @@ def mixed_batch(model, samples, out: Path, overlay_png, seed: int) -> list[dict[
             f"{decision.modality or 'unknown'} ({decision.confidence:.2g})")
         rows.append({"image": path, "modality": name, "dice": mean_dice, "overlay": picture.name, "routed": routed})
     return rows
+
+
+def held_out_sample(name: str, info, samples):
+    """An image the adapter never trained on: the first of the in-domain test split the zoo builder held out (the
+    same split: every training site of its provenance together, seed 0), or ``None``. The pool is the adapter's own
+    data, by dataset when its provenance names them (zoo names such as "CT-lung-infection" are finer than the
+    manifest's modality column), else by modality."""
+    from .protocol import split_in_domain
+
+    sites = set(info.provenance.get("sites") or [])
+    datasets = set(info.provenance.get("datasets") or [])
+    pool = [s for s in samples if (s.dataset in datasets if datasets else s.modality == name)
+            and (not sites or s.site in sites)]
+    if not pool:
+        return None
+    test = split_in_domain(pool, seed=0)[1]
+    return test[0] if test else None
 
 
 def adapt_to_site(model, samples, out: Path, shots: int, steps: int, test_images: int, seed: int, progress: bool):

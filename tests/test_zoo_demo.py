@@ -68,3 +68,34 @@ def test_serve_bench_measures_the_model_alone_on_the_services_device(tiny_zoo, d
 
     report = _model_batching(tiny_zoo, ["fundus", "dermoscopy"], 2, repeats=1, device=device)
     assert report["device"].startswith(device) and report["one_batch_s"] > 0
+
+
+@pytest.mark.real_data
+def test_the_demo_shows_each_zoo_adapter_an_image_its_builder_held_out():
+    """`m4oe demo` says its batch holds images the adapters never trained on: each must be among the test images the
+    zoo builder scored the adapter on (its report). The endoscopy adapter trains on two sites; the demo had kept
+    splitting its first site alone and showed a CVC-ClinicDB frame it trained on."""
+    import csv
+    from pathlib import Path
+
+    from m4oe_adapters.adapter_file import read_adapter
+    from m4oe_adapters.data import data_root, read_manifest
+    from m4oe_adapters.demo import held_out_sample
+
+    manifest = data_root() / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip(f"needs the shared data ({manifest})")
+    zoo = Path(__file__).resolve().parents[1] / "adapters_zoo"
+    samples = read_manifest(manifest, nonempty_slices=True)
+    for path in sorted(zoo.glob("*.safetensors")):
+        metadata, _ = read_adapter(path)
+        name = metadata["modality"]
+
+        class Info:  # what held_out_sample reads of a loaded modality
+            provenance = metadata["provenance"]
+
+        sample = held_out_sample(name, Info, samples)
+        with open(zoo / "reports" / name / "metrics.csv", newline="") as stream:  # paths of the builder's machine
+            tested = {Path(row["image"]).parts[-3:] for row in csv.DictReader(stream) if row["domain"] == "in"}
+        assert sample is not None and Path(sample.image).parts[-3:] in tested, \
+            f"{name}: {sample.image if sample else None} is not among its builder's test images"
