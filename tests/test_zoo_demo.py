@@ -99,3 +99,27 @@ def test_the_demo_shows_each_zoo_adapter_an_image_its_builder_held_out():
             tested = {Path(row["image"]).parts[-3:] for row in csv.DictReader(stream) if row["domain"] == "in"}
         assert sample is not None and Path(sample.image).parts[-3:] in tested, \
             f"{name}: {sample.image if sample else None} is not among its builder's test images"
+
+
+def test_every_zoo_adapter_was_trained_with_the_recipe_recipes_py_holds_for_it():
+    """One recipe per modality in one place: each zoo adapter's provenance names the recipe it was built with, and
+    that is today's `m4oe_adapters/recipes.py` entry (fields added to Recipe since an adapter was built must hold
+    their defaults there). Changing a recipe without rebuilding its adapter turns this red."""
+    import dataclasses
+    from pathlib import Path
+
+    from m4oe_adapters.adapter_file import read_header
+    from m4oe_adapters.recipes import RECIPES, Recipe
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+    zoo = Path(__file__).resolve().parents[1] / "adapters_zoo"
+    for path in sorted(zoo.glob("*.safetensors")):
+        metadata, _ = read_header(path)
+        stored = metadata["provenance"]["recipe"]
+        current = RECIPES[metadata["modality"]].as_metadata()
+        for key, value in current.items():
+            if key == "notes":
+                continue
+            expected = stored[key] if key in stored else defaults[key]
+            expected = list(expected) if isinstance(expected, tuple) else expected
+            assert value == expected, f"{path.name}: recipe {key} is {value!r} in recipes.py, {expected!r} in the file"
