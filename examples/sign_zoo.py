@@ -10,8 +10,10 @@ zoo builder's development split, what the adapter trained and validated on, and 
 too narrow (measured in the README, "A new site's unlabelled images fix its routing"):
 
 * fundus: CHASE_DB1 children 01–07 (14 images; children 08–14 stay out, for testing);
-* endoscopy: the CVC-ClinicDB frames of the endoscopy recipe's development sequences (``split_in_domain`` of the
-  full set by video sequence, seed 0: 20 of 29 sequences; the other 9 stay out, and Kvasir-SEG is not used).
+* endoscopy: nothing since 2026-11-28: the adapter trains on both polyp sets and its signature is fitted on its own
+  CVC-ClinicDB training frames (README, "Image-level routing"). Its CVC-ClinicDB-only predecessor was broadened with
+  the frames of that recipe's development sequences (``split_in_domain`` of CVC-ClinicDB alone, seed 0), which would
+  now include frames the new adapter is tested on.
 
 No label is read, and the added images are recorded in the file (``routing.image_hashes``), so evaluations skip
 them.
@@ -25,7 +27,6 @@ from pathlib import Path
 
 from m4oe_adapters.adapter_file import read_header, sign_adapter
 from m4oe_adapters.data import read_manifest
-from m4oe_adapters.protocol import split_in_domain
 from m4oe_adapters.signatures import image_hash, signature_from_samples
 from m4oe_adapters.zoo import write_index
 
@@ -34,9 +35,6 @@ def broader(name: str, samples) -> list:
     """The unlabelled images ``--broaden`` adds to adapter ``name`` (see the module docstring)."""
     if name == "fundus":
         return [s for s in samples if s.dataset == "CHASE_DB1" and int(Path(s.image).stem.split("_")[1][:2]) <= 7]
-    if name == "endoscopy":
-        development, _ = split_in_domain([s for s in samples if s.dataset == "CVC-ClinicDB"], seed=0)
-        return development
     return []
 
 
