@@ -123,3 +123,15 @@ def test_every_zoo_adapter_was_trained_with_the_recipe_recipes_py_holds_for_it()
             expected = stored[key] if key in stored else defaults[key]
             expected = list(expected) if isinstance(expected, tuple) else expected
             assert value == expected, f"{path.name}: recipe {key} is {value!r} in recipes.py, {expected!r} in the file"
+
+
+def test_the_synthetic_serve_data_example_never_replaces_a_users_manifest_unasked(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "synthetic_serve_data.py"
+    main = runpy.run_path(str(script))["main"]
+    (tmp_path / "manifest.csv").write_text("a user's manifest\n")
+    assert main([str(tmp_path)]) == 2
+    assert (tmp_path / "manifest.csv").read_text() == "a user's manifest\n"
+    assert main([str(tmp_path), "--overwrite"]) == 0 and len(list(tmp_path.glob("*.png"))) == 9
