@@ -27,7 +27,7 @@ echo "== bench $(date +%T)"
 timeout "${BENCH_S:-150}" python3 -m m4oe_adapters.cli bench --device cuda --out "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
 echo "bench rc $?"; tail -15 "$OUT/bench.log"
 echo "== serve-bench $(date +%T)"
-python3 examples/synthetic_serve_data.py /tmp/synthetic
+python3 examples/synthetic_serve_data.py /tmp/synthetic --overwrite  # its own scratch folder
 timeout "${SERVE_S:-120}" python3 -m m4oe_adapters.cli serve-bench --zoo adapters_zoo --data /tmp/synthetic --device cuda \
   --seconds 15 --memory-adapters 0 --out "$OUT/serve_bench_cuda.json" > "$OUT/serve_bench.log" 2>&1
 echo "serve-bench rc $?"; tail -12 "$OUT/serve_bench.log"

@@ -1,7 +1,7 @@
 """Stand-in images for `m4oe serve-bench` on a machine without the shared data (a lent GPU machine): one smooth
 random 600x560 PNG per zoo dataset (RGB for the colour modalities) and a manifest naming them.
 
-    python examples/synthetic_serve_data.py /tmp/synthetic
+    python examples/synthetic_serve_data.py /tmp/synthetic      # refuses to replace files there unless --overwrite
     m4oe serve-bench --zoo adapters_zoo --data /tmp/synthetic --device cuda --memory-adapters 0 --out report.json
 
 The bench's requests name their modality, so the content changes the masks, not the speed; nothing is routed."""
