@@ -249,6 +249,7 @@ def fit_modality(
     cross_validation_folds: int | None = None,
     split: tuple[Sequence, Sequence] | None = None,
     augment: str = "basic",
+    scale: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train modality ``modality`` on ``samples`` (already filtered to its sites) and save it.
 
@@ -269,6 +270,9 @@ def fit_modality(
         split: ``(train, validation)`` samples given as they are (no shots/validation split).
         augment: ``"basic"`` (flips, rotations, intensity jitter) or ``"site"`` (also colour cast, gamma, blur,
             noise and zoom: :data:`~m4oe_adapters.data.datasets.SITE_AUGMENTATION`); recorded in the provenance.
+        scale: the scale to train at and record (:mod:`m4oe_adapters.scale`); ``None``: measured on the training
+            images (median; see ``pixel_size``). In ``crop`` mode every training and validation image is resampled
+            to it, as prediction resamples every input, so images of several sites train at one scale.
         size: training input size (crops or resizes, see ``resize_mode``); ``None``: the ``init_adapter``'s, else
             224 x 224.
         resize_mode: ``"crop"`` or ``"resize"``; ``None``: the ``init_adapter``'s, else ``"crop"``.
@@ -305,6 +309,8 @@ def fit_modality(
     else:
         train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
         log(split_message(train_samples, val_samples, shots, val_count, cross_validation_folds))
+    if scale is None:  # the scale the adapter is trained at; predict/eval resample every input to it
+        scale = scale_for_modality(modality, train_samples, pixel_size)
     cross_validation = None
     if cross_validation_folds:
         if val_samples:
@@ -313,7 +319,7 @@ def fit_modality(
             backbone_factory, train_samples, modality, cross_validation_folds, train_config, log,
             dict(mode=mode, in_chans=in_chans, size=size, resize_mode=resize_mode, num_classes=num_classes,
                  label_names=label_names, preset=preset, expert_config=expert_config, decoder_config=decoder_config,
-                 init_adapter=init_adapter, progress=progress, augment=augment),
+                 init_adapter=init_adapter, progress=progress, augment=augment, scale=scale),
         )
         train_config = replace(train_config, steps=cross_validation["chosen_steps"], patience=None)
         log(f"cross-validation over {len(cross_validation['best_steps'])} folds: best steps "
@@ -328,10 +334,10 @@ def fit_modality(
     preset = preset or default_preset(modality)
     train_set = SegmentationDataset(
         train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=augment,
-        seed=train_config.seed,
+        seed=train_config.seed, scale=scale,
     )
     val_set = SegmentationDataset(
-        val_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=False
+        val_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=False, scale=scale,
     ) if val_samples else None
     num_classes = num_classes or count_classes(train_set)
     label_names = label_names or dataset_label_names(train_samples[0].dataset, num_classes)
@@ -367,7 +373,7 @@ def fit_modality(
         "resize_mode": resize_mode,
         "augment": augment,
         # The scale the adapter was trained at (m4oe_adapters.scale): predict/eval resample every input to it.
-        "scale": scale_for_modality(modality, train_samples, pixel_size),
+        "scale": scale,
     }
     fit = FitResult(segmenter, result, list(train_samples), list(val_samples), num_classes, label_names, preset,
                     provenance=provenance)

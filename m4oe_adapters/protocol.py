@@ -16,15 +16,17 @@ from .backbones import Backbone
 from .errors import DataError
 from .evaluation import evaluate_samples
 from .runtime import device_predictor, module_device
+from .scale import scale_for_modality
 from .training import TrainConfig
 
 
 def split_in_domain(pool: Sequence, seed: int, test_fraction: float = 0.3) -> tuple[list, list]:
     """``(development, in-domain test)`` images of the training sites, split by group (:func:`sample_group`: a
-    video's frames, a volume's slices stay on one side). The manifest's ``test`` hints are used when they split
-    whole groups; hints that would put frames of one video on both sides are ignored (the test images would have
-    near-duplicates in training), and a random split of ``test_fraction`` of the groups is made instead (of the
-    images when all are one group)."""
+    video's frames, a volume's slices, a child's two eyes stay on one side). The manifest's ``test`` hints are used
+    when they split whole groups, and a site of the pool that has no hint then gets its own random
+    ``test_fraction`` of its groups (DRIVE's hinted split beside CHASE_DB1's children); hints that would put frames of
+    one video on both sides are ignored (the test images would have near-duplicates in training), and a random
+    split of ``test_fraction`` of the groups is made instead (of the images when all are one group)."""
     from .data import sample_group
 
     marked = [s for s in pool if getattr(s, "split_hint", "") == "test"]
@@ -32,7 +34,18 @@ def split_in_domain(pool: Sequence, seed: int, test_fraction: float = 0.3) -> tu
         test_groups = {sample_group(s) for s in marked}
         development = [s for s in pool if getattr(s, "split_hint", "") != "test"]
         if not any(sample_group(s) in test_groups for s in development):
-            return development, marked
+            hinted_sites = {getattr(s, "site", "") for s in marked}
+            unhinted = [s for s in development if getattr(s, "site", "") not in hinted_sites]
+            held = {id(s) for s in _random_split(unhinted, seed, test_fraction)[1]} if unhinted else set()
+            return ([s for s in development if id(s) not in held],
+                    [s for s in pool if getattr(s, "split_hint", "") == "test" or id(s) in held])
+    return _random_split(pool, seed, test_fraction)
+
+
+def _random_split(pool: Sequence, seed: int, test_fraction: float) -> tuple[list, list]:
+    """A seeded random ``test_fraction`` of the groups of ``pool`` held out (of its images when it is one group)."""
+    from .data import sample_group
+
     groups = sorted({sample_group(s) for s in pool})
     if len(groups) < 2:  # one video only: nothing to hold out whole, so its frames are split (they will leak)
         groups = sorted({str(s.image) for s in pool})
@@ -79,6 +92,10 @@ def run_protocol(
     if not pool:
         raise DataError(f"no {modality} images from training sites {list(train_sites)}")
     development, in_domain = split_in_domain(pool, train_config.seed)
+    # Every training image is resampled to one scale, the first training site's (m4oe_adapters.scale: the median
+    # over its development images); with several sites, the others' images are resampled to it.
+    first_site = [s for s in development if s.site == train_sites[0]]
+    scale = scale_for_modality(modality, first_site) if first_site and resize_mode == "crop" else None
     out_domain = {site: [s for s in samples if s.site == site] for site in test_sites}
     for site, members in out_domain.items():
         if not members:
@@ -95,7 +112,7 @@ def run_protocol(
             fit = fit_modality(
                 backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
                 in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
-                train_config=train_config, output=output, progress=progress,
+                train_config=train_config, output=output, progress=progress, scale=scale,
                 label_names=None if label_names is None else list(label_names),
                 num_classes=None if label_names is None else len(label_names),
             )

@@ -87,6 +87,10 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in [
     Recipe("fundus", "fundus", ("DRIVE", "CHASE_DB1"), "DRIVE", ("CHASE_DB1",), resize_mode="crop",
            notes="thin vessels: native-resolution crops; scale harmonised by the field-of-view diameter"),
+    Recipe("fundus-drive-chase", "fundus", ("DRIVE", "CHASE_DB1"), "DRIVE", (), extra_train_sites=("CHASE_DB1",),
+           resize_mode="crop", val_count=6, in_zoo=False,
+           notes="two fundus sites (two cameras, adults and children), as endoscopy trains on both polyp sets: "
+                 "CHASE_DB1 split by child, its photographs resampled to DRIVE's field of view when training"),
     Recipe("endoscopy", "endoscopy", ("CVC-ClinicDB", "Kvasir-SEG"), "CVC-ClinicDB", (),
            extra_train_sites=("Kvasir-SEG",), val_count=24, max_steps=1500, patience=100,
            notes="both full polyp sets, as the field trains polyp models (PraNet, Polyp-PVT: Kvasir-SEG + "

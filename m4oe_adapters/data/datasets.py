@@ -3,7 +3,8 @@
 Each item is ``{"image": FloatTensor [C, H, W], "label": LongTensor [1, H, W], "modality", "site", "path"}``.
 Sizes: ``mode="crop"`` takes native-resolution crops of ``size`` (padded when the image is smaller; random when
 augmenting, centred otherwise), ``mode="resize"`` resizes the whole image (labels with nearest neighbour),
-``size=None`` keeps the native size. Augmentation (flips, 90° rotations when square, intensity scale/shift; with
+``size=None`` keeps the native size; with ``scale`` (crop mode), each image is first resampled to the adapter's
+scale, as prediction resamples its inputs (:mod:`m4oe_adapters.scale`). Augmentation (flips, 90° rotations when square, intensity scale/shift; with
 ``augment="site"`` also what differs between hospitals and devices: a colour cast per channel, gamma, blur, noise
 and a zoom of 0.7-1.4) is seeded: the same ``seed`` and access order give the same items, and :meth:`set_sample_seed` seeds one item, so a
 training run is reproducible and resumable.
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..presets import apply_preset, default_preset
+from ..scale import resampling_factor
 from .errors import ImageReadError
 from .manifest import Sample, load_pair
 
@@ -68,6 +70,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         augment: ``False``; ``True`` or ``"basic"``: random flips, 90° rotations and intensity jitter; ``"site"``:
             those plus the site shifts of :data:`SITE_AUGMENTATION` (for adapters meant for unseen sites).
         seed: base seed of the augmentation.
+        scale: the scale the adapter is trained at (:mod:`m4oe_adapters.scale`; ``crop`` mode only): each image is
+            resampled to it once, as prediction resamples every input, so images of sites with other pixel sizes
+            train at one scale (a CHASE_DB1 photograph shrunk by about 0.6 beside DRIVE's).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         mode: str = "crop",
         augment: bool | str = False,
         seed: int = 0,
+        scale: dict[str, Any] | None = None,
     ) -> None:
         from monai.transforms import (
             CenterSpatialCropd,
@@ -108,6 +114,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise ConfigError(f"augment must be one of {', '.join(map(repr, AUGMENTATIONS))}, got {augment!r}")
         self.preset = preset or default_preset(self.samples[0].modality)
         self.in_channels = in_channels
+        self.scale = scale if mode == "crop" else None  # a resized image has no pixel size left to match
+        self.factors: dict[int, float] = {}  # resampling factor of each image loaded so far (1.0: left as it is)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         keys = ["image", "label"]
         steps: list = []
@@ -153,7 +161,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         ``resize`` mode."""
         if index not in self._cache:
             image, mask, meta = load_pair(self.samples[index])
+            factor = resampling_factor(self.scale, image, meta) if self.scale else 1.0
             image = normalise(image, meta, self.preset, self.in_channels)
+            if factor != 1.0:  # as predict_probabilities_at_scale resamples an input, labels by nearest neighbour
+                image, mask = resample_pair(image, mask, factor)
+            self.factors[index] = factor
             if self._resize is not None:
                 item = self._resize({"image": torch.from_numpy(image), "label": torch.from_numpy(mask[None].copy())})
                 image = np.asarray(item["image"].as_tensor() if hasattr(item["image"], "as_tensor") else item["image"])
@@ -175,3 +187,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
             "site": sample.site,
             "path": str(sample.image),
         }
+
+
+def resample_pair(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image [C, H, W]`` and ``mask [H, W]`` enlarged by ``factor``: the image as prediction resamples an input
+    (area when shrinking, bilinear when enlarging), the mask by nearest neighbour (no new class ids)."""
+    import torch.nn.functional as F
+
+    height, width = image.shape[-2:]
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    resampled = F.interpolate(tensor, size=size, mode="area" if factor < 1 else "bilinear",
+                              **({} if factor < 1 else {"align_corners": False}))[0]
+    labels = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None].float(), size=size,
+                           mode="nearest-exact")[0, 0]
+    return resampled.numpy().astype(image.dtype, copy=False), labels.numpy().astype(mask.dtype)

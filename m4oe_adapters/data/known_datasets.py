@@ -97,9 +97,17 @@ def clinicdb_sequence(image: Path) -> str:
     return f"CVC-ClinicDB sequence {bisect.bisect_right(CLINICDB_SEQUENCE_STARTS, frame)}"
 
 
+def chase_child(image: Path) -> str:
+    """``"CHASE_DB1 child NN"`` of ``Image_NNL.jpg`` / ``Image_NNR.jpg``: both eyes of one child."""
+    stem = Path(image).stem
+    if len(stem) == 9 and stem.startswith("Image_") and stem[6:8].isdigit() and stem[8] in "LR":
+        return f"CHASE_DB1 child {stem[6:8]}"
+    return str(image)  # not named as the dataset names them: its own group
+
+
 KNOWN_DATASETS: dict[str, dict[str, Any]] = {
     "DRIVE": {"encoding": "binary255", "labels": ["background", "vessel"]},
-    "CHASE_DB1": {"encoding": "onebit", "labels": ["background", "vessel"]},
+    "CHASE_DB1": {"encoding": "onebit", "labels": ["background", "vessel"], "group": chase_child},
     "PH2": {"encoding": "onebit", "labels": ["background", "lesion"]},
     "BUSI": {"encoding": "binary255", "labels": ["background", "lesion"]},
     "HC18_fetal_head_US": {"encoding": "binary255", "labels": ["background", "fetal_head"]},  # filled RGB masks
@@ -129,7 +137,7 @@ def label_names(dataset: str, num_classes: int) -> list[str]:
 
 
 def sample_group(sample) -> str:
-    """What must stay on one side of a split with ``sample``: its dataset's ``group`` (a video sequence), else its
-    image file (all slices of one volume)."""
+    """What must stay on one side of a split with ``sample``: its dataset's ``group`` (a video sequence, a child's
+    two eyes), else its image file (all slices of one volume)."""
     group = KNOWN_DATASETS.get(sample.dataset, {}).get("group")
     return group(sample.image) if group else str(sample.image)
