@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             test_sites=list(recipe.unseen_sites), modes=["experts"], shots=[None],
             train_config=recipe.train_config(args.seed), in_chans=3, size=(recipe.size, recipe.size),
             resize_mode=recipe.resize_mode, val_count=recipe.val_count, expert_config=ExpertConfig(rank=recipe.rank),
-            max_test_images=args.max_test_images, save_dir=zoo / "work", progress=False,
+            max_test_images=args.max_test_images, save_dir=zoo / "work", progress=False, preset=recipe.preset,
         )
         test_sites = list(recipe.unseen_sites)
         train_site = " + ".join(recipe.train_sites)

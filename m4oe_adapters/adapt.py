@@ -281,7 +281,7 @@ def fit_modality(
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
     """
     from .data import SegmentationDataset
-    from .presets import default_preset
+    from .presets import default_preset, known_modality
 
     from .data import label_names as dataset_label_names
     from .training import seed_everything
@@ -310,7 +310,7 @@ def fit_modality(
         train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
         log(split_message(train_samples, val_samples, shots, val_count, cross_validation_folds))
     if scale is None:  # the scale the adapter is trained at; predict/eval resample every input to it
-        scale = scale_for_modality(modality, train_samples, pixel_size)
+        scale = scale_for_modality(known_modality(modality, train_samples), train_samples, pixel_size)
     cross_validation = None
     if cross_validation_folds:
         if val_samples:
@@ -331,7 +331,7 @@ def fit_modality(
 
         metadata, _ = read_header(init_adapter)
         preset, label_names, num_classes = metadata["preset"], metadata["label_names"], metadata["num_classes"]
-    preset = preset or default_preset(modality)
+    preset = preset or default_preset(known_modality(modality, train_samples))
     train_set = SegmentationDataset(
         train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=augment,
         seed=train_config.seed, scale=scale,

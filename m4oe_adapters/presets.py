@@ -26,7 +26,7 @@ Modality names match case-insensitively, with aliases (``x-ray``/``cxr`` → ``x
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -64,6 +64,16 @@ def canonical_modality(modality: str) -> str:
     """``"X-Ray"`` → ``"xray"``: lower case, aliases resolved."""
     name = str(modality).strip().lower()
     return ALIASES.get(name, name)
+
+
+def known_modality(name: str, samples: Sequence = ()) -> str:
+    """The modality whose preset and scale an adapter called ``name`` takes: ``name`` itself when it is a known
+    modality (``"fundus"``, ``"X-Ray"``), else the one modality of its training ``samples`` (an adapter named
+    ``"fundus-clinicA"`` trained on fundus images is preprocessed as fundus), else ``name``."""
+    if canonical_modality(name) in DEFAULTS:
+        return name
+    found = {getattr(sample, "modality", None) for sample in samples} - {None, ""}
+    return found.pop() if len(found) == 1 else name
 
 
 def default_preset(modality: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from .backbones import Backbone
 from .errors import DataError
 from .evaluation import evaluate_samples
 from .runtime import device_predictor, module_device
+from .presets import known_modality
 from .scale import scale_for_modality
 from .training import TrainConfig
 
@@ -76,6 +77,7 @@ def run_protocol(
     keep_predictions: bool = True,
     save_dir: str | Path | None = None,
     label_names: Sequence[str] | None = None,
+    preset: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -85,7 +87,8 @@ def run_protocol(
         ``(rows, skipped)`` as :func:`~m4oe_adapters.evaluation.evaluate_samples`, each row tagged with ``mode``,
         ``shots`` (``"all"`` for every image), ``domain`` (``"in"``/``"out"``) and the ``train_images`` /
         ``val_images`` counts of the run that made it. ``label_names``: class names, background first
-        (default: the dataset's known names, else ``class_<k>``).
+        (default: the dataset's known names, else ``class_<k>``). ``preset``: intensity preset (default: the
+        modality's, see :func:`~m4oe_adapters.presets.known_modality`).
     """
     train_config = train_config or TrainConfig()
     pool = [s for s in samples if s.site in set(train_sites)]
@@ -95,7 +98,8 @@ def run_protocol(
     # Every training image is resampled to one scale, the first training site's (m4oe_adapters.scale: the median
     # over its development images); with several sites, the others' images are resampled to it.
     first_site = [s for s in development if s.site == train_sites[0]]
-    scale = scale_for_modality(modality, first_site) if first_site and resize_mode == "crop" else None
+    scale = (scale_for_modality(known_modality(modality, first_site), first_site)
+             if first_site and resize_mode == "crop" else None)
     out_domain = {site: [s for s in samples if s.site == site] for site in test_sites}
     for site, members in out_domain.items():
         if not members:
@@ -112,7 +116,7 @@ def run_protocol(
             fit = fit_modality(
                 backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
                 in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
-                train_config=train_config, output=output, progress=progress, scale=scale,
+                train_config=train_config, output=output, progress=progress, scale=scale, preset=preset,
                 label_names=None if label_names is None else list(label_names),
                 num_classes=None if label_names is None else len(label_names),
             )

@@ -46,6 +46,7 @@ class Recipe:
         val_count: development images held out for validation.
         rank: LoRA rank of each expert.
         in_zoo: whether ``examples/build_zoo.py`` builds it by default (one adapter per modality in the zoo).
+        preset: intensity preset; ``None``: the modality's (:func:`~m4oe_adapters.presets.known_modality`).
     """
 
     name: str
@@ -65,6 +66,7 @@ class Recipe:
     val_count: int = 4
     rank: int = 8
     in_zoo: bool = True
+    preset: dict[str, Any] | None = None
     notes: str = field(default="", compare=False)
 
     @property
@@ -106,7 +108,9 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in [
     Recipe("dermoscopy", "dermoscopy", ("PH2",), "PH2"),
     Recipe("ultrasound-breast", "ultrasound", ("BUSI",), "BUSI"),
     Recipe("ultrasound-fetal-head", "ultrasound", ("HC18_fetal_head_US",), "HC18"),
-    Recipe("CT-lung-infection", "CT", ("COVID19_CT_MedSeg_InfNet",), "MedSeg-COVID19CT"),
+    Recipe("CT-lung-infection", "CT", ("COVID19_CT_MedSeg_InfNet",), "MedSeg-COVID19CT",
+           preset={"kind": "percentile", "low": 0.5, "high": 99.5},
+           notes="8-bit JPEG slices without Hounsfield units: the percentile preset the zoo adapter was built with"),
     Recipe("MRI-cardiac", "MRI", ("ACDC_cardiac_MRI_SSL4MIS_h5",), "ACDC", max_steps=3000, cpu_budget_minutes=60.0,
            notes="150 steps predicted background everywhere, 400 reached 49.8 Dice (RV not learnt): longer cap"),
     Recipe("electron-microscopy", "electron_microscopy", ("ISBI2012_EM",), "ISBI2012", resize_mode="crop"),

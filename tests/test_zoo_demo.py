@@ -108,7 +108,10 @@ def test_every_zoo_adapter_was_trained_with_the_recipe_recipes_py_holds_for_it()
     import dataclasses
     from pathlib import Path
 
+    import types
+
     from m4oe_adapters.adapter_file import read_header
+    from m4oe_adapters.presets import default_preset, known_modality
     from m4oe_adapters.recipes import RECIPES, Recipe
 
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
@@ -119,6 +122,12 @@ def test_every_zoo_adapter_was_trained_with_the_recipe_recipes_py_holds_for_it()
         current = RECIPES[metadata["modality"]].as_metadata()
         for key, value in current.items():
             if key == "notes":
+                continue
+            if key == "preset" and key not in stored:  # built before recipes named presets: the one it used
+                recipe = RECIPES[metadata["modality"]]
+                sample = types.SimpleNamespace(modality=recipe.modality)
+                made = value if value is not None else default_preset(known_modality(recipe.name, [sample]))
+                assert made == metadata["preset"], f"{path.name}: recipes.py would build it with preset {made}"
                 continue
             expected = stored[key] if key in stored else defaults[key]
             expected = list(expected) if isinstance(expected, tuple) else expected
