@@ -648,6 +648,33 @@ def test_clinicdb_frames_belong_to_the_sequences_of_its_readme_and_the_subset_is
     assert group("Kvasir-SEG", "a.jpg") == "/x/a.jpg"  # independent images: each its own group
 
 
+def test_a_site_without_split_hints_trained_beside_a_hinted_one_gets_test_images_with_both_eyes_on_one_side():
+    """DRIVE (its manifest's train/test hints) + CHASE_DB1 (no hints) as training sites: DRIVE splits by its hints,
+    CHASE_DB1 holds out about 30 % of its children, each child's two eyes together. Before, every CHASE_DB1 image
+    went to development and it had no in-domain test image. Hints that split nothing whole (ClinicDB's) still
+    fall back to one random split of the whole pool, as before."""
+    from m4oe_adapters.data import sample_group
+    from m4oe_adapters.data.manifest import Sample
+    from m4oe_adapters.protocol import split_in_domain
+
+    drive = [Sample("DRIVE", "fundus", "DRIVE", Path(f"/d/{n}.tif"), None, split_hint="test" if n < 20 else "train")
+             for n in range(40)]
+    chase = [Sample("CHASE_DB1", "fundus", "CHASE_DB1", Path(f"/c/Image_{child:02d}{eye}.jpg"), None)
+             for child in range(1, 15) for eye in "LR"]
+    assert sample_group(chase[0]) == sample_group(chase[1]) == "CHASE_DB1 child 01"
+    development, test = split_in_domain(drive + chase, 0)
+    assert {s.image.stem for s in test if s.site == "DRIVE"} == {str(n) for n in range(20)}
+    held = [s for s in test if s.site == "CHASE_DB1"]
+    assert len(held) == 8 and not {sample_group(s) for s in held} & {sample_group(s) for s in development}
+    assert split_in_domain(drive, 0) == (drive[20:], drive[:20])  # one hinted site: its hints, as before
+    clinic = [Sample("CVC-ClinicDB", "endoscopy", "CVC-ClinicDB", Path(f"/x/{n}.jpg"), None,
+                     split_hint="test" if n in (133, 419, 480) else "train") for n in range(1, 613)]
+    kvasir = [Sample("Kvasir-SEG", "endoscopy", "Kvasir-SEG", Path(f"/k/{n}.jpg"), None,
+                     split_hint="test" if n < 2 else "") for n in range(100)]
+    development, test = split_in_domain(clinic + kvasir, 0)
+    assert sum(s.site == "Kvasir-SEG" for s in test) > 10  # not only Kvasir's two hinted images
+
+
 def test_splits_never_put_frames_of_one_video_on_both_sides():
     """The in-domain test split and the validation split keep each ClinicDB sequence whole; the manifest's three
     'test' frames (133, 419, 480, each inside a training sequence) are not used as a test set."""

@@ -102,6 +102,68 @@ def test_train_records_the_pixel_size_and_eval_resamples_to_it(tmp_path, capsys)
     assert factors == {2.0}  # pixels twice as large as at training: enlarged twice before prediction
 
 
+def write_fundus_pair(folder, name: str, height: int, width: int, diameter: float):
+    """A fundus-like PNG and its mask (the bright disc), as a manifest sample of modality fundus."""
+    from PIL import Image
+
+    from m4oe_adapters.data.manifest import Sample
+
+    raw = fundus_like(height, width, diameter)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(raw.transpose(1, 2, 0)).save(folder / f"{name}.png")
+    Image.fromarray(((raw[0] > 0.3 * 255) * 255).astype(np.uint8)).save(folder / f"{name}_mask.png")
+    return Sample("synthetic", "fundus", name, folder / f"{name}.png", folder / f"{name}_mask.png",
+                  mask_encoding="binary255")
+
+
+def test_training_images_of_another_field_of_view_are_resampled_to_the_scale_the_adapter_records(tmp_path):
+    """Two sites' photographs train at one scale: a disc twice as wide is shrunk by half before cropping, its mask
+    alike (still on the image's pixels, still class ids), and a disc at the recorded scale is left as it is."""
+    from m4oe_adapters.data import SegmentationDataset
+
+    small = write_fundus_pair(tmp_path, "small", 200, 210, 180)
+    large = write_fundus_pair(tmp_path, "large", 400, 420, 360)
+    recorded = {"kind": "fov_diameter_px", "value": 180.0}
+    dataset = SegmentationDataset([small, large], size=(64, 64), mode="crop", scale=recorded)
+    image, mask = dataset.preprocessed(1)
+    assert dataset.factors[1] == pytest.approx(0.5, rel=0.03)
+    assert abs(image.shape[-2] - 200) <= 6 and abs(image.shape[-1] - 210) <= 6 and mask.shape == image.shape[-2:]
+    assert set(np.unique(mask)) <= {0, 1}
+    disc = fov_diameter_px(image - image.min())
+    assert disc == pytest.approx(180, rel=0.04)  # the same field of view as the recorded one
+    assert dataset.preprocessed(0)[0].shape[-2:] == (200, 210) and dataset.factors[0] == 1.0
+    overlap = 2 * (mask * (image[0] > image[0].mean())).sum() / (mask.sum() + (image[0] > image[0].mean()).sum())
+    assert overlap > 0.95  # the label was resampled with its image
+    unscaled = SegmentationDataset([large], size=(64, 64), mode="crop")
+    assert unscaled.preprocessed(0)[0].shape[-2:] == (400, 420)
+    resized = SegmentationDataset([large], size=(64, 64), mode="resize", scale=recorded)
+    assert resized.preprocessed(0)[0].shape[-2:] == (64, 64) and resized.scale is None
+
+
+def test_an_adapter_named_after_its_site_is_preprocessed_and_scaled_as_its_images_modality(tmp_path):
+    """`m4oe train --modality fundus-clinicA` on fundus photographs: the fundus preset and the field-of-view scale,
+    not the percentile preset and no scale an unknown modality name gets; the scale is the training images'."""
+    from m4oe_adapters import load_backbone
+    from m4oe_adapters.adapt import fit_modality
+    from m4oe_adapters.config import ExpertConfig
+    from m4oe_adapters.presets import default_preset
+    from m4oe_adapters.training import TrainConfig
+
+    samples = [write_fundus_pair(tmp_path, f"eye{i}", 96, 100, 80 + 2 * i) for i in range(3)]
+
+    def backbone():
+        return load_backbone("timm:swin_tiny_patch4_window7_224", None, img_size=64,
+                             model_args={"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
+                                         "window_size": 2})
+
+    fit = fit_modality(backbone, samples, "fundus-clinicA", size=(64, 64), resize_mode="crop", val_count=0,
+                       expert_config=ExpertConfig(rank=2), train_config=TrainConfig(steps=1, batch_size=2),
+                       progress=False, log=lambda line: None)
+    assert fit.preset == default_preset("fundus")
+    assert fit.provenance["scale"]["kind"] == "fov_diameter_px"
+    assert fit.provenance["scale"]["value"] == pytest.approx(82, rel=0.04)
+
+
 DATA = data_root()
 
 
