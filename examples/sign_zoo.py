@@ -10,10 +10,10 @@ zoo builder's development split, what the adapter trained and validated on, and 
 too narrow (measured in the README, "A new site's unlabelled images fix its routing"):
 
 * fundus: CHASE_DB1 children 01–07 (14 images; children 08–14 stay out, for testing);
-* endoscopy: its Kvasir-SEG development images (what the adapter trained and validated on beside its CVC-ClinicDB
-  frames: ``split_in_domain`` of both polyp sets, seed 0, as the zoo builder splits them), so its signature is a
-  mixture of one Gaussian per polyp set (``signatures.fit_mixture``). Until the mixture existed it was fitted on the
-  CVC-ClinicDB frames alone: one Gaussian over both sets took fundus photographs too (README, "Image-level routing").
+* endoscopy: nothing since 2026-11-28: the adapter trains on both polyp sets and its signature is fitted on its own
+  CVC-ClinicDB training frames (README, "Image-level routing"). Its CVC-ClinicDB-only predecessor was broadened with
+  the frames of that recipe's development sequences (``split_in_domain`` of CVC-ClinicDB alone, seed 0), which would
+  now include frames the new adapter is tested on.
 
 No label is read, and the added images are recorded in the file (``routing.image_hashes``), so evaluations skip
 them.
@@ -27,8 +27,6 @@ from pathlib import Path
 
 from m4oe_adapters.adapter_file import read_header, sign_adapter
 from m4oe_adapters.data import read_manifest
-from m4oe_adapters.protocol import split_in_domain
-from m4oe_adapters.recipes import RECIPES
 from m4oe_adapters.signatures import image_hash, signature_from_samples
 from m4oe_adapters.zoo import write_index
 
@@ -37,10 +35,6 @@ def broader(name: str, samples) -> list:
     """The unlabelled images ``--broaden`` adds to adapter ``name`` (see the module docstring)."""
     if name == "fundus":
         return [s for s in samples if s.dataset == "CHASE_DB1" and int(Path(s.image).stem.split("_")[1][:2]) <= 7]
-    if name == "endoscopy":
-        recipe = RECIPES[name]
-        pool = [s for s in samples if s.dataset in recipe.datasets and s.site in recipe.train_sites]
-        return [s for s in split_in_domain(pool, 0)[0] if s.dataset == "Kvasir-SEG"]
     return []
 
 
@@ -67,7 +61,7 @@ def main(argv=None) -> int:
         signature = signature_from_samples(own + extra, seed=0)
         sign_adapter(path, signature, path, overwrite=True)
         print(f"{name}: signature from {signature.images} images ({len(found)} it was signed on before"
-              f"{f', {signature.images - len(found)} added' if extra else ''}), {path.stat().st_size} bytes",
+              f"{f', {signature.images - len(found)} unlabelled added' if extra else ''}), {path.stat().st_size} bytes",
               flush=True)
     write_index(zoo, index["backbone"], [zoo / entry["file"] for entry in index["adapters"]])
     return 0

@@ -298,9 +298,8 @@ def check_compatible(model: SegmentationModel, metadata: dict[str, Any], tensors
 
 
 def check_signature(metadata: dict[str, Any], tensors, signature_keys: set[str], path) -> None:
-    """A routing signature is all or nothing: metadata and the five tensors, with the shapes of this version's
-    descriptor (a signature of another descriptor version is refused: re-sign the adapter with ``m4oe sign``); a
-    mixture's tensors have one leading entry per ``routing.part_scales``."""
+    """A routing signature is all or nothing: metadata and the three tensors, with the shapes of this version's
+    descriptor (a signature of another descriptor version is refused: re-sign the adapter with ``m4oe sign``)."""
     from .signatures import FEATURE_VERSION, descriptor_size
 
     routing = metadata.get("routing")
@@ -313,15 +312,11 @@ def check_signature(metadata: dict[str, Any], tensors, signature_keys: set[str],
         raise AdapterFormatError(f"{path}: routing signature of descriptor {routing['feature']!r}; this version "
                                  f"reads {FEATURE_VERSION!r}: re-sign the adapter with `m4oe sign`")
     size = descriptor_size()
-    components = tuple(tensors[f"{SIGNATURE_PREFIX}components"].shape)
-    scales = routing.get("part_scales")
-    parts = () if scales is None else (len(scales),)  # a mixture: every tensor but the calibration per part
-    if len(components) != 2 + len(parts) or not 1 <= components[-2] <= 64:
-        expected = f"[{'P, ' if parts else ''}k, {size}]"
-        raise AdapterFormatError(f"{path}: signature.components has shape {components}, expected {expected}")
-    k = components[-2]
-    shapes = {"mean": (*parts, size), "components": (*parts, k, size), "eigenvalues": (*parts, k),
-              "residual": (*parts, size), "calibration": (CALIBRATION_POINTS,)}
+    components = tensors[f"{SIGNATURE_PREFIX}components"].shape
+    if len(components) != 2 or not 1 <= components[0] <= 64:
+        raise AdapterFormatError(f"{path}: signature.components has shape {tuple(components)}, expected [k, {size}]")
+    shapes = {"mean": (size,), "components": (components[0], size), "eigenvalues": (components[0],),
+              "residual": (size,), "calibration": (CALIBRATION_POINTS,)}
     for name, shape in shapes.items():
         tensor = tensors[f"{SIGNATURE_PREFIX}{name}"]
         if tuple(tensor.shape) != shape:

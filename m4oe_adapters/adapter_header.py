@@ -239,14 +239,6 @@ def validate_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         _require(_is_number(confidence) and 0 <= confidence <= 1, path, "routing.min_confidence must be in [0, 1]")
         for key in ("images", "views"):
             _require(_is_int(routing.get(key)) and 0 <= routing[key] <= 10**9, path, f"routing.{key} must be a count")
-        parts, scales = routing.get("parts"), routing.get("part_scales")
-        _require((parts is None) == (scales is None), path, "routing.parts and routing.part_scales come together")
-        if scales is not None:
-            _require(isinstance(scales, list) and 2 <= len(scales) <= 8
-                     and all(_is_number(v) and 0 < v < 1e12 for v in scales), path,
-                     "routing.part_scales must be a list of 2 to 8 positive numbers")
-            _require(isinstance(parts, list) and len(parts) == len(scales) and all(_printable(v, 256) for v in parts),
-                     path, "routing.parts must name each part (one short printable string per part scale)")
         hashes = routing.get("image_hashes", [])
         _require(
             isinstance(hashes, list) and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{1,64}", h) for h in hashes),

@@ -14,12 +14,6 @@ changes another adapter's scores (routing needs no joint retraining).
         shrunk towards the diagonal and stored as 32 principal directions plus a per-feature residual variance
       → score = Mahalanobis distance² / D (lower is closer)
 
-An adapter trained on several sites (two polyp sets, two fundus cameras) gets one Gaussian per site, a *mixture*:
-each part is as narrow as one site's images, where one Gaussian over both would also cover what lies between them
-(another modality's photographs). Its score is the best part's score over that part's median held-out score; the
-32 principal directions are shared out between the parts (16 each for two), so the file grows by one mean and one
-residual per extra part.
-
 Why these descriptors and not the frozen backbone's pooled features: on the shared data (nine zoo adapters, their
 held-out images) nearest-neighbour modality recognition reached 0.55–0.69 with pooled multi-stage features of the
 reference backbone at 64–224 px, 0.74 with its patch-embedding statistics, and 0.875 with a first version of these
@@ -27,8 +21,7 @@ descriptors (``docs/routing.md``: the measurements). They also cost almost nothi
 backbone pass, so routing stays a small fraction of a segmentation forward (``m4oe bench`` reports it).
 
 Calibration: the adapter's training images are split into five folds; each fold's views are scored by a Gaussian fitted
-on the other four (for a mixture: by its part fitted on the other four folds of that site and the other parts as they
-are). Those held-out scores (their quantiles are stored) turn a score into a *confidence*: the fraction
+on the other four. Those held-out scores (their quantiles are stored) turn a score into a *confidence*: the fraction
 of the adapter's own held-out views that fit it worse (an empirical p-value up to the 95th percentile, an exponential
 tail beyond it). The default acceptance threshold, ``min_confidence``, is stored with the signature.
 """
@@ -53,8 +46,6 @@ DEFAULT_VIEWS = 8  # augmented views per training image
 DEFAULT_MIN_CONFIDENCE = 1e-3
 COMPONENTS = 32  # principal directions kept with their own variance; the rest gets a per-feature residual variance
 BORDER_TOLERANCE = 0.02  # frame pixels lie this close (share of the value range) to the corner's colour
-MIN_PART_IMAGES = 8  # a site with fewer training images gets no part of its own: its images join a single Gaussian
-MAX_PARTS = 8
 MAX_BORDER = 0.45  # at most this share of the height or width is taken as a frame per side
 SHRINKAGE = 0.2  # covariance shrunk 20 % towards its diagonal: hundreds of views, a few hundred dimensions
 # An image whose neighbouring pixels correlate less than this is pixel noise, not an image of any modality: white
@@ -353,8 +344,7 @@ class ImageSignature:
     """One adapter's recogniser of its own images.
 
     Attributes:
-        mean: ``[D]`` mean descriptor of the training images and their views (a mixture of P parts: ``[P, D]``, and
-            every tensor below but the calibration gains the same leading ``P``).
+        mean: ``[D]`` mean descriptor of the training images and their views.
         components, eigenvalues: ``[k, D]`` and ``[k]``, the k (≤ 32) leading principal directions of the shrunk
             covariance and their variances.
         residual: ``[D]`` the variance left per feature outside those directions (floored at 5 % of the median
@@ -364,8 +354,6 @@ class ImageSignature:
         min_confidence: default acceptance threshold on :meth:`confidence`.
         images: how many training images it was fitted on; ``views``: augmented views per image.
         image_hashes: short content hashes of those images (so an evaluation can exclude them).
-        parts: a mixture's part names (its training sites); ``()`` for one Gaussian.
-        part_scales: a mixture's median held-out score per part (each part's score is divided by it).
     """
 
     mean: torch.Tensor
@@ -378,8 +366,6 @@ class ImageSignature:
     views: int = DEFAULT_VIEWS
     image_hashes: tuple[str, ...] = ()
     feature: str = FEATURE_VERSION
-    parts: tuple[str, ...] = ()
-    part_scales: tuple[float, ...] = ()
 
     # ------------------------------------------------------------------------------------ fit
     @classmethod
@@ -419,71 +405,11 @@ class ImageSignature:
         return cls(*(t.float() for t in gaussian), calibration.float(), float(min_confidence), int(count),
                    int(views), tuple(image_hashes))
 
-    @classmethod
-    def fit_mixture(
-        cls,
-        parts: dict[str, torch.Tensor],
-        *,
-        views: int = DEFAULT_VIEWS,
-        seed: int = 0,
-        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-        image_hashes: Iterable[str] = (),
-    ) -> "ImageSignature":
-        """Fit one Gaussian per part (site name → its ``[N, 3, 160, 160]`` routing thumbnails, each N >= 2) and
-        calibrate the mixture's score (module docstring) on held-out folds of every part."""
-        if not 2 <= len(parts) <= MAX_PARTS or min(t.shape[0] for t in parts.values()) < 2:
-            raise ConfigError(f"a mixture signature needs 2 to {MAX_PARTS} parts of at least 2 images each")
-        generator = torch.Generator().manual_seed(seed)
-        descriptors = []
-        for thumbnails in parts.values():
-            per_view = [image_descriptors(thumbnails)]
-            for _ in range(views):
-                per_view.append(image_descriptors(augmented_views(thumbnails, generator)))
-            descriptors.append(torch.stack(per_view, 1))  # [N, views + 1, D]
-        width = descriptors[0].shape[-1]
-        directions = max(8, COMPONENTS // len(parts))  # 32 directions in all: a mixture costs no more in the file
-        gaussians = [_gaussian(part.reshape(-1, width), directions) for part in descriptors]
-        own, views_of = [], []  # per part: held-out scores under its fold Gaussians, and those views
-        for part in descriptors:
-            order = torch.randperm(part.shape[0], generator=generator)
-            folds = min(5, part.shape[0])
-            scores, tested = [], []
-            for fold in range(folds):
-                test = sorted(set(order[fold::folds].tolist()))
-                train = [i for i in order.tolist() if i not in test]
-                scores.append(_score(part[test].reshape(-1, width),
-                                     *_gaussian(part[train].reshape(-1, width), directions)))
-                tested.append(part[test].reshape(-1, width))
-            own.append(torch.cat(scores))
-            views_of.append(torch.cat(tested))
-        scales = [float(scores.median().clamp_min(1e-12)) for scores in own]
-        combined = []  # the mixture's score of each part's held-out views: its fold part, the other parts as fitted
-        for index in range(len(descriptors)):
-            candidates = [own[index] / scales[index]] + [
-                _score(views_of[index], *gaussians[other]) / scales[other]
-                for other in range(len(descriptors)) if other != index]
-            combined.append(torch.stack(candidates).min(0).values)
-        scores = torch.cat(combined)
-        calibration = torch.quantile(scores, torch.linspace(0, 1, CALIBRATION_POINTS, dtype=scores.dtype))
-        k = max(gaussian[1].shape[0] for gaussian in gaussians)  # a small part keeps fewer directions: pad with
-        gaussians = [_padded(gaussian, k) for gaussian in gaussians]  # zero directions of variance 1 (no effect)
-        stacked = [torch.stack([gaussian[i] for gaussian in gaussians]).float() for i in range(4)]
-        return cls(*stacked, calibration.float(), float(min_confidence),
-                   int(sum(part.shape[0] for part in descriptors)), int(views), tuple(image_hashes),
-                   parts=tuple(parts), part_scales=tuple(scales))
-
     # ------------------------------------------------------------------------------------ scoring
     def score(self, descriptors: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` descriptors → ``[B]`` Mahalanobis distances² / D (lower: closer to the training images); a
-        mixture: the lowest over its parts of each part's distance over that part's median held-out distance."""
-        descriptors = descriptors.double()
-        if self.mean.dim() == 1:
-            return _score(descriptors, self.mean.double(), self.components.double(), self.eigenvalues.double(),
-                          self.residual.double())
-        return torch.stack([
-            _score(descriptors, self.mean[part].double(), self.components[part].double(),
-                   self.eigenvalues[part].double(), self.residual[part].double()) / self.part_scales[part]
-            for part in range(self.mean.shape[0])]).min(0).values
+        """``[B, D]`` descriptors → ``[B]`` Mahalanobis distances² / D (lower: closer to the training images)."""
+        return _score(descriptors.double(), self.mean.double(), self.components.double(), self.eigenvalues.double(),
+                      self.residual.double())
 
     def relative_score(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores divided by the median held-out calibration score: comparable across adapters (1 = typical)."""
@@ -497,22 +423,20 @@ class ImageSignature:
 
     # ------------------------------------------------------------------------------------ storage
     def tensors(self) -> dict[str, torch.Tensor]:
-        """File tensors under ``signature.*`` (about 35 KB in fp32, 17 KB in fp16; a mixture of two: about the same)."""
+        """File tensors under ``signature.*`` (about 35 KB in fp32, 17 KB in fp16)."""
         return {f"{SIGNATURE_PREFIX}{name}": getattr(self, name).detach().float().contiguous()
                 for name in SIGNATURE_TENSORS}
 
     def metadata(self) -> dict[str, Any]:
         return {"feature": self.feature, "min_confidence": self.min_confidence, "images": self.images,
-                "views": self.views, "image_hashes": list(self.image_hashes)} | (
-            {"parts": list(self.parts), "part_scales": list(self.part_scales)} if self.parts else {})
+                "views": self.views, "image_hashes": list(self.image_hashes)}
 
     @classmethod
     def from_file(cls, metadata: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "ImageSignature":
         """Rebuild from an adapter file's ``routing`` metadata and ``signature.*`` tensors (already validated)."""
         values = [tensors[f"{SIGNATURE_PREFIX}{name}"].float() for name in SIGNATURE_TENSORS]
         return cls(*values, float(metadata["min_confidence"]), int(metadata["images"]), int(metadata["views"]),
-                   tuple(metadata.get("image_hashes", ())), str(metadata["feature"]),
-                   tuple(metadata.get("parts", ())), tuple(float(v) for v in metadata.get("part_scales", ())))
+                   tuple(metadata.get("image_hashes", ())), str(metadata["feature"]))
 
 
 def calibrated_confidence(calibration: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -540,11 +464,8 @@ def image_hash(path, slice_index: int | None = None) -> str:
 
 
 def signature_from_samples(samples, *, views: int = DEFAULT_VIEWS, seed: int = 0,
-                           min_confidence: float = DEFAULT_MIN_CONFIDENCE, by_site: bool = False) -> ImageSignature:
-    """Fit a signature on the images of manifest/folder samples (masks are not read; each distinct image once).
-
-    With ``by_site`` and 2 to 8 sites of at least 8 images each, a mixture of one Gaussian per site
-    (:meth:`ImageSignature.fit_mixture`); otherwise one Gaussian over every image."""
+                           min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> ImageSignature:
+    """Fit a signature on the images of manifest/folder samples (masks are not read; each distinct image once)."""
     from .data import read_image
 
     unique = {}
@@ -552,19 +473,12 @@ def signature_from_samples(samples, *, views: int = DEFAULT_VIEWS, seed: int = 0
         unique.setdefault((str(sample.image), sample.slice_index), sample)
     if not unique:
         raise ConfigError("a signature needs at least one training image")
-    arrays, hashes, sites = [], [], []
+    arrays, hashes = [], []
     for sample in unique.values():
         record = read_image(sample.image, slice_axis=getattr(sample, "slice_axis", 2), slice_index=sample.slice_index)
         arrays.append(record.array)
         hashes.append(image_hash(sample.image, sample.slice_index))
-        sites.append(str(getattr(sample, "site", "") or ""))
-    thumbnails = routing_thumbnails(arrays)
-    names = sorted(set(sites))
-    if by_site and 2 <= len(names) <= MAX_PARTS and min(sites.count(name) for name in names) >= MIN_PART_IMAGES:
-        parts = {name: thumbnails[[i for i, site in enumerate(sites) if site == name]] for name in names}
-        return ImageSignature.fit_mixture(parts, views=views, seed=seed, min_confidence=min_confidence,
-                                          image_hashes=sorted(set(hashes)))
-    return ImageSignature.fit(thumbnails, views=views, seed=seed, min_confidence=min_confidence,
+    return ImageSignature.fit(routing_thumbnails(arrays), views=views, seed=seed, min_confidence=min_confidence,
                               image_hashes=sorted(set(hashes)))
 
 
@@ -573,8 +487,8 @@ def descriptor_size() -> int:
     return int(image_descriptors(torch.zeros(1, 3, THUMBNAIL_SIZE, THUMBNAIL_SIZE)).shape[1])
 
 
-def _gaussian(descriptors: torch.Tensor, directions: int = COMPONENTS) -> tuple[torch.Tensor, ...]:
-    """``(mean, components [k, D], eigenvalues [k], residual [D])`` of descriptors ``[M, D]``, k ≤ ``directions``."""
+def _gaussian(descriptors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(mean, components [k, D], eigenvalues [k], residual [D])`` of descriptors ``[M, D]``."""
     mean = descriptors.mean(0)
     centred = descriptors - mean
     covariance = centred.T @ centred / max(1, descriptors.shape[0])
@@ -582,24 +496,13 @@ def _gaussian(descriptors: torch.Tensor, directions: int = COMPONENTS) -> tuple[
     floor = 0.05 * diagonal.median() + 1e-4  # descriptors live in [0, 1]: σ = 0.01 is below any real difference
     covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * torch.diag(diagonal)
     eigenvalues, vectors = torch.linalg.eigh(covariance)
-    keep = min(directions, descriptors.shape[0] - 1, len(mean))
+    keep = min(COMPONENTS, descriptors.shape[0] - 1, len(mean))
     order = eigenvalues.argsort(descending=True)[: max(keep, 0)]
     components, values = vectors[:, order].T, eigenvalues[order].clamp_min(floor)
     residual = (covariance.diagonal() - (components ** 2 * values[:, None]).sum(0)).clamp_min(0) + floor
     if keep < 1:  # a single descriptor: no direction is known, the residual carries everything
         components, values = torch.zeros(1, len(mean), dtype=mean.dtype), torch.ones(1, dtype=mean.dtype)
     return mean, components, values, residual
-
-
-def _padded(gaussian: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
-    """A Gaussian's ``(mean, components, eigenvalues, residual)`` with ``k`` directions: zero directions of variance 1
-    added (a zero direction projects nothing and leaves the residual term unchanged, so scores are equal)."""
-    mean, components, eigenvalues, residual = gaussian
-    missing = k - components.shape[0]
-    if missing <= 0:
-        return gaussian
-    return (mean, torch.cat([components, components.new_zeros(missing, components.shape[1])]),
-            torch.cat([eigenvalues, eigenvalues.new_ones(missing)]), residual)
 
 
 def _score(descriptors, mean, components, eigenvalues, residual) -> torch.Tensor:

@@ -5,7 +5,6 @@ held-out images of the shared data; the images a signature was fitted on are exc
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -440,73 +439,6 @@ def test_signature_travels_in_the_adapter_file_and_sign_keeps_every_other_byte(t
     with pytest.raises(AdapterError, match="overwrite"):
         sign_adapter(signed, signature, signed)
     assert Path(signed).stat().st_size - (tmp_path / "plain.safetensors").stat().st_size <= 50_000
-
-
-def _two_sites(count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Routing thumbnails of two sites of one modality: reddish smooth blobs, and greenish stripes."""
-    blobs = torch.nn.functional.interpolate(torch.rand(count, 1, 4, 4, generator=generator), size=(160, 160),
-                                            mode="bicubic", align_corners=False).clamp(0, 1)
-    frequency = 0.2 + 0.3 * torch.rand(count, 1, 1, 1, generator=generator)
-    stripes = (torch.sin(torch.arange(160.0) * frequency) * 0.5 + 0.5).expand(count, 1, 160, 160)
-    tint = lambda base, amount, image: torch.cat([b + a * image for b, a in zip(base, amount)], 1)  # noqa: E731
-    return {"A": tint((0.5, 0.2, 0.1), (0.4, 0.1, 0.05), blobs).clamp(0, 1),
-            "B": tint((0.2, 0.5, 0.3), (0.1, 0.4, 0.2), stripes).clamp(0, 1)}
-
-
-def test_a_signature_of_two_sites_keeps_one_gaussian_per_site_and_travels_in_the_file(tmp_path):
-    """A mixture (one Gaussian per training site) accepts new images of both sites, scores an image by its best
-    part, costs about one signature's bytes, and loads back with the same scores; a file whose parts do not match
-    its tensors is refused with a typed error."""
-    from m4oe_adapters.errors import AdapterFormatError
-    from m4oe_adapters.signatures import DEFAULT_MIN_CONFIDENCE, image_descriptors
-
-    generator = torch.Generator().manual_seed(0)
-    mixture = ImageSignature.fit_mixture(_two_sites(12, generator), views=2)
-    assert mixture.parts == ("A", "B") and mixture.mean.shape[0] == 2 and mixture.images == 24
-    new = _two_sites(6, generator)
-    for site, part in (("A", 0), ("B", 1)):
-        descriptors = image_descriptors(new[site])
-        assert (mixture.confidence(mixture.score(descriptors)) >= DEFAULT_MIN_CONFIDENCE).all()
-        alone = ImageSignature(mixture.mean[part], mixture.components[part], mixture.eigenvalues[part],
-                               mixture.residual[part], mixture.calibration)
-        assert torch.allclose(mixture.score(descriptors), alone.score(descriptors) / mixture.part_scales[part])
-    model = tiny_model(in_chans=3)
-    model.set_signature("CT", mixture)
-    save_adapter(model, "CT", tmp_path / "mixture.safetensors", dtype="fp16")
-    save_adapter(tiny_model(in_chans=3), "CT", tmp_path / "plain.safetensors", dtype="fp16")
-    assert (tmp_path / "mixture.safetensors").stat().st_size - (tmp_path / "plain.safetensors").stat().st_size \
-        <= 20_000  # 32 principal directions shared by the two parts: one more mean and residual
-    metadata, tensors = read_adapter(tmp_path / "mixture.safetensors")
-    travelled = ImageSignature.from_file(metadata["routing"], tensors)
-    descriptors = image_descriptors(torch.cat(list(new.values())))
-    np.testing.assert_allclose(travelled.score(descriptors), mixture.score(descriptors), rtol=2e-2)
-    assert travelled.parts == ("A", "B")
-    broken = tiny_model(in_chans=3)
-    broken.set_signature("CT", dataclasses.replace(mixture, parts=("A", "B", "C"), part_scales=(1.0, 1.0, 1.0)))
-    save_adapter(broken, "CT", tmp_path / "broken.safetensors")
-    with pytest.raises(AdapterFormatError, match=r"broken.safetensors: signature\.mean has shape \(2, 200\)"):
-        load_adapter(tiny_model(in_chans=3, modalities=()), tmp_path / "broken.safetensors")
-    loaded = tiny_model(in_chans=3, modalities=())
-    load_adapter(loaded, tmp_path / "mixture.safetensors")
-    assert loaded.signatures["CT"].parts == ("A", "B")
-
-
-def test_signing_samples_of_several_sites_fits_a_mixture_only_when_asked_and_each_site_has_enough_images(tmp_path):
-    from PIL import Image
-
-    from m4oe_adapters.data.manifest import Sample
-    from m4oe_adapters.signatures import MIN_PART_IMAGES, signature_from_samples
-
-    sites = _two_sites(MIN_PART_IMAGES, torch.Generator().manual_seed(1))
-    samples = []
-    for site, thumbnails in sites.items():
-        for index, thumbnail in enumerate(thumbnails):
-            path = tmp_path / f"{site}{index}.png"
-            Image.fromarray((thumbnail.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
-            samples.append(Sample("synthetic", "fundus", site, path, None))
-    assert signature_from_samples(samples, views=1).parts == ()  # one Gaussian unless asked
-    assert signature_from_samples(samples, views=1, by_site=True).parts == ("A", "B")
-    assert signature_from_samples(samples[:-1], views=1, by_site=True).parts == ()  # B has one image too few
 
 
 def _descriptor_inputs() -> list[torch.Tensor]:
