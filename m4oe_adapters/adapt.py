@@ -178,7 +178,8 @@ def inherit_recipe(
 
     Returns:
         ``(recipe, notes)``: recipe keys ``size``, ``resize_mode``, ``rank``, ``alpha``, ``target_pattern``,
-        ``preset``; notes are lines saying what was inherited and what changed (the CLI prints them).
+        ``preset``, ``scale`` (the recorded scale of a ``crop`` adapter, else ``None``); notes are lines saying what
+        was inherited and what changed (the CLI prints them).
     """
     from .adapter_file import read_header
 
@@ -205,11 +206,15 @@ def inherit_recipe(
         )
     recipe = {key: stored[key] if given[key] is None else given[key] for key in stored}
     recipe["preset"] = metadata["preset"]
+    # The scale its experts learnt at: a new site's images are resampled to it (m4oe_adapters.scale)
+    recipe["scale"] = provenance.get("scale") if recipe["resize_mode"] == "crop" else None
     inherited = [f"{key} {_shown(stored[key])}" for key in stored if given[key] is None]
     changed = [f"{key} {_shown(stored[key])} -> {_shown(given[key])}" for key in ("size", "resize_mode")
                if given[key] is not None and given[key] != stored[key]]
     notes = [f"recipe inherited from {Path(init_adapter).name}: " + (", ".join(inherited) or "nothing")
-             + f", preset {metadata['preset'].get('kind', metadata['preset']) if metadata['preset'] else 'default'}"]
+             + f", preset {metadata['preset'].get('kind', metadata['preset']) if metadata['preset'] else 'default'}"
+             + (f", scale {recipe['scale']['kind']} {recipe['scale']['value']:g} (the new images are resampled to "
+                "it)" if recipe["scale"] else "")]
     if changed:
         notes.append("changed by flags: " + ", ".join(changed))
     return recipe, notes
@@ -270,9 +275,10 @@ def fit_modality(
         split: ``(train, validation)`` samples given as they are (no shots/validation split).
         augment: ``"basic"`` (flips, rotations, intensity jitter) or ``"site"`` (also colour cast, gamma, blur,
             noise and zoom: :data:`~m4oe_adapters.data.datasets.SITE_AUGMENTATION`); recorded in the provenance.
-        scale: the scale to train at and record (:mod:`m4oe_adapters.scale`); ``None``: measured on the training
-            images (median; see ``pixel_size``). In ``crop`` mode every training and validation image is resampled
-            to it, as prediction resamples every input, so images of several sites train at one scale.
+        scale: the scale to train at and record (:mod:`m4oe_adapters.scale`); ``None``: the ``init_adapter``'s
+            (its experts learnt at it; not with ``pixel_size``), else measured on the training images (median). In
+            ``crop`` mode every training and validation image is resampled to it, as prediction resamples every
+            input, so images of several sites train at one scale.
         size: training input size (crops or resizes, see ``resize_mode``); ``None``: the ``init_adapter``'s, else
             224 x 224.
         resize_mode: ``"crop"`` or ``"resize"``; ``None``: the ``init_adapter``'s, else ``"crop"``.
@@ -292,9 +298,10 @@ def fit_modality(
     if init_adapter is not None and mode not in ("experts", "decoder"):
         raise ConfigError(f"--init starts from an expert adapter; mode {mode!r} does not use one (use experts or "
                           "decoder, or drop --init)")
+    inherited_scale = None
     if init_adapter is not None:
         recipe, _ = inherit_recipe(init_adapter, size=size, resize_mode=resize_mode)
-        size, resize_mode = recipe["size"], recipe["resize_mode"]
+        size, resize_mode, inherited_scale = recipe["size"], recipe["resize_mode"], recipe["scale"]
     size = tuple(size or DEFAULT_SIZE)
     resize_mode = resize_mode or DEFAULT_RESIZE_MODE
     problem = label_names_problem(label_names) if label_names is not None else None
@@ -309,6 +316,8 @@ def fit_modality(
     else:
         train_samples, val_samples = split_samples(samples, shots, val_count, train_config.seed)
         log(split_message(train_samples, val_samples, shots, val_count, cross_validation_folds))
+    if scale is None and inherited_scale and pixel_size is None:  # --init: the scale its experts learnt at
+        scale = inherited_scale
     if scale is None:  # the scale the adapter is trained at; predict/eval resample every input to it
         scale = scale_for_modality(known_modality(modality, train_samples), train_samples, pixel_size)
     cross_validation = None

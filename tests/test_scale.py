@@ -143,25 +143,48 @@ def test_training_images_of_another_field_of_view_are_resampled_to_the_scale_the
 def test_an_adapter_named_after_its_site_is_preprocessed_and_scaled_as_its_images_modality(tmp_path):
     """`m4oe train --modality fundus-clinicA` on fundus photographs: the fundus preset and the field-of-view scale,
     not the percentile preset and no scale an unknown modality name gets; the scale is the training images'."""
-    from m4oe_adapters import load_backbone
     from m4oe_adapters.adapt import fit_modality
     from m4oe_adapters.config import ExpertConfig
     from m4oe_adapters.presets import default_preset
     from m4oe_adapters.training import TrainConfig
 
     samples = [write_fundus_pair(tmp_path, f"eye{i}", 96, 100, 80 + 2 * i) for i in range(3)]
-
-    def backbone():
-        return load_backbone("timm:swin_tiny_patch4_window7_224", None, img_size=64,
-                             model_args={"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
-                                         "window_size": 2})
-
-    fit = fit_modality(backbone, samples, "fundus-clinicA", size=(64, 64), resize_mode="crop", val_count=0,
+    fit = fit_modality(tiny_backbone, samples, "fundus-clinicA", size=(64, 64), resize_mode="crop", val_count=0,
                        expert_config=ExpertConfig(rank=2), train_config=TrainConfig(steps=1, batch_size=2),
                        progress=False, log=lambda line: None)
     assert fit.preset == default_preset("fundus")
     assert fit.provenance["scale"]["kind"] == "fov_diameter_px"
     assert fit.provenance["scale"]["value"] == pytest.approx(82, rel=0.04)
+
+
+def test_adapting_an_adapter_to_a_new_site_trains_at_the_scale_its_experts_learnt(tmp_path):
+    """`m4oe train --init` on a site whose discs are twice as wide: the new images are resampled to the starting
+    adapter's scale (what its experts learnt vessels at), and the adapted adapter records that scale, so prediction
+    shrinks the new site's images as training did."""
+    from m4oe_adapters.adapt import fit_modality, inherit_recipe
+    from m4oe_adapters.config import ExpertConfig
+    from m4oe_adapters.training import TrainConfig
+
+    options = dict(size=(64, 64), resize_mode="crop", val_count=0, expert_config=ExpertConfig(rank=2),
+                   train_config=TrainConfig(steps=1, batch_size=2), progress=False, log=lambda line: None)
+    source = [write_fundus_pair(tmp_path / "a", f"eye{i}", 96, 100, 80) for i in range(2)]
+    fit_modality(tiny_backbone, source, "fundus", output=tmp_path / "source.safetensors", **options)
+    recipe, notes = inherit_recipe(tmp_path / "source.safetensors")
+    assert recipe["scale"]["value"] == pytest.approx(80, rel=0.04) and "resampled" in notes[0]
+    new_site = [write_fundus_pair(tmp_path / "b", f"eye{i}", 192, 200, 160) for i in range(2)]
+    adapted = fit_modality(tiny_backbone, new_site, "fundus", init_adapter=tmp_path / "source.safetensors",
+                           **{key: value for key, value in options.items() if key != "expert_config"})
+    assert adapted.provenance["scale"] == recipe["scale"]  # not the 160 px the new images measure
+    plain = fit_modality(tiny_backbone, new_site, "fundus", **options)
+    assert plain.provenance["scale"]["value"] == pytest.approx(160, rel=0.04)
+
+
+def tiny_backbone():
+    from m4oe_adapters import load_backbone
+
+    return load_backbone("timm:swin_tiny_patch4_window7_224", None, img_size=64,
+                         model_args={"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
+                                     "window_size": 2})
 
 
 DATA = data_root()
