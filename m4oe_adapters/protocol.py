@@ -15,8 +15,8 @@ from .adapt import fit_modality
 from .backbones import Backbone
 from .errors import DataError
 from .evaluation import evaluate_samples
-from .runtime import device_predictor, module_device
 from .presets import known_modality
+from .runtime import device_predictor, module_device
 from .scale import scale_for_modality
 from .training import TrainConfig
 

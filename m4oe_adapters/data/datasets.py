@@ -4,10 +4,10 @@ Each item is ``{"image": FloatTensor [C, H, W], "label": LongTensor [1, H, W], "
 Sizes: ``mode="crop"`` takes native-resolution crops of ``size`` (padded when the image is smaller; random when
 augmenting, centred otherwise), ``mode="resize"`` resizes the whole image (labels with nearest neighbour),
 ``size=None`` keeps the native size; with ``scale`` (crop mode), each image is first resampled to the adapter's
-scale, as prediction resamples its inputs (:mod:`m4oe_adapters.scale`). Augmentation (flips, 90° rotations when square, intensity scale/shift; with
-``augment="site"`` also what differs between hospitals and devices: a colour cast per channel, gamma, blur, noise
-and a zoom of 0.7-1.4) is seeded: the same ``seed`` and access order give the same items, and :meth:`set_sample_seed` seeds one item, so a
-training run is reproducible and resumable.
+scale, as prediction resamples its inputs (:mod:`m4oe_adapters.scale`). Augmentation (flips, 90° rotations when
+square, intensity scale/shift; with ``augment="site"`` also what differs between hospitals and devices: a colour cast
+per channel, gamma, blur, noise and a zoom of 0.7-1.4) is seeded: the same ``seed`` and access order give the same
+items, and :meth:`set_sample_seed` seeds one item, so a training run is reproducible and resumable.
 
 Decoded, preset-normalised images are cached in memory (the shared datasets are small); bad inputs raise the
 typed errors of :mod:`.readers` and :mod:`.masks` (use :func:`~.manifest.scan_samples` first to skip them).
