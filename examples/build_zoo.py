@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' step cap (cosine decay "
                         "runs over it); the adapter records the recipe it was trained with")
     parser.add_argument("--patience", type=int, default=None, help="override the recipes' patience (validations)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="override the recipes' wall-time budget (a longer schedule on a shared CPU needs more)")
     args = parser.parse_args(argv)
 
     zoo = Path(args.zoo)
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
     summary = {}
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
-        overrides = {key: value for key, value in (("max_steps", args.max_steps), ("patience", args.patience))
-                     if value is not None}
+        overrides = {key: value for key, value in (("max_steps", args.max_steps), ("patience", args.patience),
+                                                   ("cpu_budget_minutes", args.max_minutes)) if value is not None}
         recipe = dataclasses.replace(recipe, **overrides)
         members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()
