@@ -11,6 +11,10 @@ mapping stored in the adapter's provenance::
 
     input → measure its scale (same kind) → factor = how much to enlarge it → resample → predict → mask back
 
+Training resamples alike: a ``crop`` adapter's training images are each resampled to the scale it records
+(:class:`~m4oe_adapters.data.SegmentationDataset` ``scale``), the first training site's when there are several, and
+``--init`` keeps the starting adapter's scale (:func:`~m4oe_adapters.adapt.fit_modality`).
+
 The factor is ``recorded / measured`` for a field-of-view diameter (a disc twice as wide is shrunk by half) and
 ``measured / recorded`` for a pixel size (pixels twice as large are enlarged twice).
 """
