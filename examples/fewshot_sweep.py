@@ -15,8 +15,9 @@
   fundus, whole images resized to 224 for endoscopy) and runs the same fixed recipe (``--steps``, default 150):
   with k labels there is nothing left to stop on, so the step count is chosen beforehand, not on the test images.
 * Modes: ``experts`` starts from the source adapter (``--init``: the DRIVE-trained experts and decoder, recipe
-  inherited, its scale too since 2026-11-28: the new site's images are resampled to the source's field of view); ``lora`` (PEFT LoRA + decoder), ``full`` (whole backbone + decoder) start from the clean backbone;
-  ``scratch`` is the from-scratch U-Net. ``zero-shot`` is the source adapter itself.
+  inherited, its scale too since 2026-11-28: the new site's images are resampled to the source's field of view);
+  ``lora`` (PEFT LoRA + decoder), ``full`` (whole backbone + decoder) start from the clean backbone; ``scratch`` is
+  the from-scratch U-Net. ``zero-shot`` is the source adapter itself.
 * ``--val-from-shots FOLDS``: experts choose their step count by cross-validation over the k labelled images (the
   source adapter as it is, step 0, is a candidate), instead of the fixed ``--steps``.
 * Each finished run appends a row to ``OUT/results.csv`` (mode, k, seed, Dice with its 95 % CI over the test images,

@@ -106,9 +106,8 @@ def test_every_zoo_adapter_was_trained_with_the_recipe_recipes_py_holds_for_it()
     that is today's `m4oe_adapters/recipes.py` entry (fields added to Recipe since an adapter was built must hold
     their defaults there). Changing a recipe without rebuilding its adapter turns this red."""
     import dataclasses
-    from pathlib import Path
-
     import types
+    from pathlib import Path
 
     from m4oe_adapters.adapter_file import read_header
     from m4oe_adapters.presets import default_preset, known_modality
