@@ -161,6 +161,16 @@ def resampling_factor(recorded: dict[str, Any] | None, raw: np.ndarray, meta: di
     return 1.0 if abs(factor - 1.0) < NEGLIGIBLE else factor
 
 
+def resample(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """``[C, H, W]`` enlarged by ``factor`` (area averaging when shrinking, bilinear when enlarging): how an input
+    is brought to an adapter's scale, at prediction and at training (:class:`~m4oe_adapters.data.SegmentationDataset`
+    ``scale``)."""
+    height, width = image.shape[-2:]
+    size = (max(1, round(height * factor)), max(1, round(width * factor)))
+    return F.interpolate(image[None], size=size, mode="area" if factor < 1 else "bilinear",
+                         **({} if factor < 1 else {"align_corners": False}))[0]
+
+
 def predict_probabilities_at_scale(
     predictor: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -189,10 +199,7 @@ def predict_probabilities_at_scale(
     if factor == 1.0:
         return predict_probabilities(predictor, image, input_size, resize_mode, progress)
     height, width = image.shape[-2:]
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    resampled = F.interpolate(image[None], size=size, mode="area" if factor < 1 else "bilinear",
-                              **({} if factor < 1 else {"align_corners": False}))[0]
-    _, probabilities = segment(predictor, resampled, input_size)
+    _, probabilities = segment(predictor, resample(image, factor), input_size)
     return F.interpolate(probabilities[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..presets import apply_preset, default_preset
-from ..scale import resampling_factor
+from ..scale import resample, resampling_factor
 from .errors import ImageReadError
 from .manifest import Sample, load_pair
 
@@ -191,14 +191,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 def resample_pair(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
     """``image [C, H, W]`` and ``mask [H, W]`` enlarged by ``factor``: the image as prediction resamples an input
-    (area when shrinking, bilinear when enlarging), the mask by nearest neighbour (no new class ids)."""
+    (:func:`m4oe_adapters.scale.resample`), the mask by nearest neighbour (no new class ids)."""
     import torch.nn.functional as F
 
-    height, width = image.shape[-2:]
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    resampled = F.interpolate(tensor, size=size, mode="area" if factor < 1 else "bilinear",
-                              **({} if factor < 1 else {"align_corners": False}))[0]
-    labels = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None].float(), size=size,
-                           mode="nearest-exact")[0, 0]
+    resampled = resample(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), factor)
+    labels = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None].float(),
+                           size=tuple(resampled.shape[-2:]), mode="nearest-exact")[0, 0]
     return resampled.numpy().astype(image.dtype, copy=False), labels.numpy().astype(mask.dtype)
