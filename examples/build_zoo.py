@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipes' step cap (cosine decay "
                         "runs over it); the adapter records the recipe it was trained with")
     parser.add_argument("--patience", type=int, default=None, help="override the recipes' patience (validations)")
+    parser.add_argument("--augment", choices=["basic", "site"], default=None,
+                        help="override the recipes' training augmentation")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="override the recipes' wall-time budget (a longer schedule on a shared CPU needs more)")
     args = parser.parse_args(argv)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     for name in names:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
         overrides = {key: value for key, value in (("max_steps", args.max_steps), ("patience", args.patience),
-                                                   ("cpu_budget_minutes", args.max_minutes)) if value is not None}
+                                                   ("cpu_budget_minutes", args.max_minutes),
+                                                   ("augment", args.augment)) if value is not None}
         recipe = dataclasses.replace(recipe, **overrides)
         members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
             train_config=recipe.train_config(args.seed), in_chans=3, size=(recipe.size, recipe.size),
             resize_mode=recipe.resize_mode, val_count=recipe.val_count, expert_config=ExpertConfig(rank=recipe.rank),
             max_test_images=args.max_test_images, save_dir=zoo / "work", progress=False, preset=recipe.preset,
+            augment=recipe.augment,
         )
         test_sites = list(recipe.unseen_sites)
         train_site = " + ".join(recipe.train_sites)

@@ -78,6 +78,7 @@ def run_protocol(
     save_dir: str | Path | None = None,
     label_names: Sequence[str] | None = None,
     preset: dict[str, Any] | None = None,
+    augment: str = "basic",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -88,7 +89,8 @@ def run_protocol(
         ``shots`` (``"all"`` for every image), ``domain`` (``"in"``/``"out"``) and the ``train_images`` /
         ``val_images`` counts of the run that made it. ``label_names``: class names, background first
         (default: the dataset's known names, else ``class_<k>``). ``preset``: intensity preset (default: the
-        modality's, see :func:`~m4oe_adapters.presets.known_modality`).
+        modality's, see :func:`~m4oe_adapters.presets.known_modality`). ``augment``: ``"basic"`` or ``"site"``
+        (:func:`~m4oe_adapters.adapt.fit_modality`).
     """
     train_config = train_config or TrainConfig()
     pool = [s for s in samples if s.site in set(train_sites)]
@@ -116,7 +118,7 @@ def run_protocol(
             fit = fit_modality(
                 backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
                 in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
-                train_config=train_config, output=output, progress=progress, scale=scale, preset=preset,
+                train_config=train_config, output=output, progress=progress, scale=scale, preset=preset, augment=augment,
                 label_names=None if label_names is None else list(label_names),
                 num_classes=None if label_names is None else len(label_names),
             )

@@ -47,6 +47,7 @@ class Recipe:
         rank: LoRA rank of each expert.
         in_zoo: whether ``examples/build_zoo.py`` builds it by default (one adapter per modality in the zoo).
         preset: intensity preset; ``None``: the modality's (:func:`~m4oe_adapters.presets.known_modality`).
+        augment: training augmentation, ``"basic"`` or ``"site"`` (:mod:`m4oe_adapters.data.datasets`).
     """
 
     name: str
@@ -67,6 +68,7 @@ class Recipe:
     rank: int = 8
     in_zoo: bool = True
     preset: dict[str, Any] | None = None
+    augment: str = "basic"
     notes: str = field(default="", compare=False)
 
     @property
