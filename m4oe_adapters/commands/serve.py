@@ -25,6 +25,10 @@ def register(subparsers) -> None:
     parser.add_argument("--widen-adapters", action="store_true",
                         help="hold fp16 adapter files in fp32 (default: in their own dtype, half the memory, the same "
                              "masks)")
+    parser.add_argument("--watch", nargs="?", const="", default=None, metavar="FOLDER",
+                        help="serve the adapter files of FOLDER (default: the --zoo folder) as they are added, replaced "
+                             "and deleted; every Ray replica watching one shared folder serves the same adapters")
+    parser.add_argument("--watch-interval", type=float, default=2.0, help="seconds between two looks at --watch")
     parser.add_argument("--tokens", default=None,
                         help='JSON file {"predict": ..., "admin": ...} (default: $M4OE_SERVE_TOKEN and '
                              "$M4OE_SERVE_ADMIN_TOKEN, else generated and printed once)")
@@ -36,12 +40,20 @@ def register(subparsers) -> None:
 
 
 def settings_from(args: argparse.Namespace):
+    from ..errors import ConfigError
     from ..serve import ServeSettings
 
+    watch = args.watch
+    if watch == "":
+        if not args.zoo:
+            raise ConfigError("--watch without a folder watches the --zoo folder; with --adapter files, name the folder")
+        watch = args.zoo
+    if args.watch_interval <= 0:
+        raise ConfigError(f"--watch-interval must be > 0 seconds, got {args.watch_interval}")
     return ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                          max_in_flight=args.max_in_flight, device=args.device,
-                         keep_dtype=not args.widen_adapters)
+                         keep_dtype=not args.widen_adapters, watch=watch, watch_interval_s=args.watch_interval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                else Service.from_adapters(args.adapter, args.weights, settings))
     names = ", ".join(f"{v.name}@{v.version}" for v in service.registry.list())
     print(f"m4oe serve: {len(service.registry)} adapters ({names}) on {service.device}; "
-          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port}" + (f"; watching {settings.watch}" if settings.watch else ""),
+          file=sys.stderr, flush=True)
     try:
         run_local(service, tokens, host=args.host, port=args.port)
     finally:

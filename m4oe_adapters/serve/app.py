@@ -7,7 +7,8 @@ Endpoints (every one needs ``Authorization: Bearer <token>``; ``/v1/admin/*`` th
 ``POST /v1/segment?modality=NAME``          body: the image file (PNG/JPG/TIF/BMP/GIF, NIfTI, DICOM, zip of a
                                             DICOM series). JSON: modality, routing, labels, adapter version,
                                             backbone, timings, and the mask file (base64) in the input's format
-``GET /v1/adapters``                        served adapters (name, version, file, labels...)
+``GET /v1/adapters``                        served adapters (name, version, file, labels...) and, with a
+                                            watched folder, each of its files' state (served, or why refused)
 ``PUT /v1/admin/adapters/{name}``           body: an adapter file; add, or replace (hot swap) with ``?replace=true``
 ``DELETE /v1/admin/adapters/{name}``        stop serving an adapter
 ``GET /healthz``, ``GET /readyz``           liveness; readiness (batcher running and >= 1 adapter)
@@ -182,7 +183,8 @@ def create_app(service: Service, tokens: Tokens) -> FastAPI:
     @app.get("/v1/adapters", dependencies=[Depends(predict_scope)], summary="served adapters")
     def adapters() -> dict:
         return {"adapters": [version.describe() for version in service.registry.list()],
-                "backbone": service.backbone}
+                "backbone": service.backbone,
+                "watch": service.watcher.state() if service.watcher is not None else None}
 
     @app.post("/v1/segment", dependencies=[Depends(predict_scope)], openapi_extra=BINARY_BODY,
               summary="segment an image, NIfTI volume, DICOM file or zipped DICOM series")

@@ -9,7 +9,8 @@ Locally: ``m4oe serve --zoo FOLDER --engine ray --replicas 2``. On a cluster, wi
 
 Tokens reach the replicas from ``args`` or from ``$M4OE_SERVE_TOKEN`` / ``$M4OE_SERVE_ADMIN_TOKEN`` set in the
 cluster's runtime environment. Adapter changes through the admin endpoint reach one replica; with several replicas,
-change adapters by redeploying (or point every replica at the same zoo and restart them one by one).
+change adapters through a watched folder that every replica reads (``watch=/models/adapters_zoo``, ``m4oe serve
+--watch``: :mod:`.watch`), or by redeploying.
 """
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ def ray_application(
 
 
 def app_builder(args: dict[str, str]):
-    """Entry point for ``serve run m4oe_adapters.serve.ray_app:app_builder zoo=... replicas=...``."""
+    """Entry point for ``serve run m4oe_adapters.serve.ray_app:app_builder zoo=... replicas=... [watch=FOLDER]``
+    (``watch=FOLDER``: every replica serves that shared folder's adapter files as they change)."""
     replicas = args.get("replicas", "1")
-    settings = ServeSettings(**{key: type(getattr(ServeSettings, key))(value) for key, value in args.items()
-                                if key in ServeSettings.__dataclass_fields__})
+    settings = ServeSettings(**{key: value if key == "watch" else type(getattr(ServeSettings, key))(value)
+                                for key, value in args.items() if key in ServeSettings.__dataclass_fields__})
     return ray_application(
         zoo=args.get("zoo"), adapters=[a for a in args.get("adapters", "").split(",") if a],
         weights=args.get("weights"), settings=settings,

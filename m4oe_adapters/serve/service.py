@@ -43,6 +43,10 @@ class ServeSettings:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (``"auto"``: the GPU when present).
         keep_dtype: hold each adapter in its file's dtype (an fp16 file takes half the memory of fp32 and gives the
             same masks: its values are cast to the backbone's dtype at use); ``False``: widen to the backbone's.
+        watch: a folder whose adapter files are served as they are added, replaced and deleted
+            (:mod:`.watch`); started by :meth:`Service.from_zoo` / :meth:`Service.from_adapters` once their
+            adapters are loaded. ``None``: no folder is watched.
+        watch_interval_s: seconds between two looks at the watched folder.
     """
 
     max_batch: int = 8
@@ -52,6 +56,8 @@ class ServeSettings:
     max_in_flight: int = 64
     device: str = "auto"
     keep_dtype: bool = True
+    watch: str | None = None
+    watch_interval_s: float = 2.0
 
 
 def resolve_device(device: str) -> str:
@@ -121,6 +127,7 @@ class Service:
 
         backbone = self.model.backbone.identity()
         self.backbone = {key: backbone[key] for key in ("family", "name", "fingerprint", "weights")}
+        self.watcher = None
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
@@ -153,6 +160,8 @@ class Service:
         service = cls(model, settings)
         for path in files:
             service.add_adapter(Path(path).read_bytes(), source=Path(path).name)
+        if service.settings.watch is not None:
+            service.watch(service.settings.watch, service.settings.watch_interval_s)
         return service
 
     # ------------------------------------------------------------------------------------------- adapters
@@ -176,6 +185,16 @@ class Service:
             raise
         self.metrics.adapter_changes.labels("remove", "ok").inc()
         return version
+
+    def watch(self, folder: str | Path, interval_s: float = 2.0):
+        """Serve the adapter files of ``folder`` as they come and go (:class:`~.watch.FolderWatcher`); files
+        this service already serves from there are kept, not loaded again."""
+        from .watch import FolderWatcher
+
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.watcher = FolderWatcher(self, folder, interval_s).start()
+        return self.watcher
 
     @property
     def ready(self) -> bool:
@@ -307,6 +326,8 @@ class Service:
         return list(self._slices.map(one, upload.images, upload.metas))
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.batcher.close()
         self._slices.shutdown(wait=False, cancel_futures=True)
 
