@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patience", type=int, default=None, help="override the recipes' patience (validations)")
     parser.add_argument("--augment", choices=["basic", "site"], default=None,
                         help="override the recipes' training augmentation")
+    parser.add_argument("--preset", type=json.loads, default=None,
+                        help='override the recipes\' intensity preset, JSON (e.g. \'{"kind": "clahe"}\')')
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="override the recipes' wall-time budget (a longer schedule on a shared CPU needs more)")
     args = parser.parse_args(argv)
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
         recipe = recipe_for(name)  # one recipe per modality: m4oe_adapters/recipes.py
         overrides = {key: value for key, value in (("max_steps", args.max_steps), ("patience", args.patience),
                                                    ("cpu_budget_minutes", args.max_minutes),
-                                                   ("augment", args.augment)) if value is not None}
+                                                   ("augment", args.augment), ("preset", args.preset))
+                     if value is not None}
         recipe = dataclasses.replace(recipe, **overrides)
         members = [s for s in samples if s.dataset in recipe.datasets]
         started = time.perf_counter()

@@ -18,6 +18,14 @@ Kinds:
   ``(x - mean) / std``. The default for fundus, dermoscopy and endoscopy (8-bit colour photographs). The scale is
   ``preset["scale"]`` when given, else it follows ``source_dtype``: 1/255 for 8-bit, 1/65535 for 16-bit, 1 for
   float images already in [0, 1], 1/255 for other float images.
+* ``clahe`` — ``{"tiles": 8, "clip": 0.01}``: scaled to [0, 1] as ``rgb_meanstd`` does, then contrast-limited
+  adaptive histogram equalisation of each channel (Zuiderveld 1994, as ``skimage.exposure.equalize_adapthist``:
+  a ``tiles`` × ``tiles`` grid of 256-bin histograms clipped at ``clip`` of a tile's pixels, the excess spread
+  evenly, mappings interpolated bilinearly between tile centres), then ``(x - 0.5) / 0.29`` (a uniform
+  distribution's mean and standard deviation). Differences of exposure and uneven lighting are partly evened out
+  (a brightness gap across an image halved, tests/test_data.py; the clip limit keeps noise from being amplified);
+  the tiles are a share of the image, so the result does not depend on its pixel size. Available for colour
+  photographs (fundus, endoscopy); not a default.
 
 A constant image (max = min) maps to zeros under ``percentile`` and ``minmax`` (no division by zero).
 NaN/Inf pixels are refused with :class:`~m4oe_adapters.errors.DataError` (readers refuse them earlier too).
@@ -52,7 +60,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dermoscopy": RGB_IMAGENET,
     "endoscopy": RGB_IMAGENET,
 }
-KINDS = ("ct_window", "percentile", "minmax", "rgb_meanstd")
+KINDS = ("ct_window", "percentile", "minmax", "rgb_meanstd", "clahe")
+CLAHE_BINS = 256
 EIGHT_BIT_SOURCES = ("uint8", "int8", "bool")
 
 
@@ -123,6 +132,16 @@ def validate_preset(preset: Any) -> dict[str, Any]:
         return {"kind": kind, "low": low, "high": high}
     if kind == "minmax":
         return {"kind": kind}
+    if kind == "clahe":
+        tiles, clip = preset.get("tiles", 8), _number(preset, "clip", 0.01)
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= 64:
+            raise PresetError(f"clahe preset: tiles must be an integer from 1 to 64, got {tiles!r}")
+        if not 0 < clip <= 1:
+            raise PresetError(f"clahe preset: clip must be in (0, 1], got {clip}")
+        checked = {"kind": kind, "tiles": tiles, "clip": clip}
+        if "scale" in preset:
+            checked["scale"] = _number(preset, "scale")
+        return checked
     mean, std = _numbers(preset, "mean"), _numbers(preset, "std")
     if len(mean) != len(std):
         raise PresetError(f"rgb_meanstd preset: {len(mean)} means but {len(std)} standard deviations")
@@ -182,8 +201,46 @@ def apply_preset(image: np.ndarray, preset: dict[str, Any], source_dtype: str | 
     if kind == "minmax":
         return _unit_range(data, float(data.min()), float(data.max())) if data.size else data
     scale = preset.get("scale", _rgb_scale(data, source_dtype))
+    if kind == "clahe":
+        unit = np.clip(data * scale, 0.0, 1.0)
+        equalised = np.stack([clahe(channel, preset["tiles"], preset["clip"]) for channel in unit])
+        return ((equalised - 0.5) / 0.29).astype(np.float32)
     channels = data.shape[0]
     mean, std = np.asarray(preset["mean"], np.float32), np.asarray(preset["std"], np.float32)
     if len(mean) != channels:  # a grey image under an RGB preset: the channel means, repeated
         mean, std = np.full(channels, mean.mean(), np.float32), np.full(channels, std.mean(), np.float32)
     return ((data * scale - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+def clahe(image: np.ndarray, tiles: int = 8, clip: float = 0.01) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of one ``[H, W]`` image in [0, 1] → [0, 1] (see the
+    ``clahe`` preset). Tiles are ``ceil(H / tiles)`` × ``ceil(W / tiles)`` pixels of the image padded by reflection;
+    each tile's 256-bin histogram is clipped at ``max(1, clip × its pixels)``, the excess spread over every bin, and
+    its cumulative share maps grey levels; a pixel takes the bilinear blend of the mappings of the four tiles whose
+    centres surround it (the nearest ones at the border)."""
+    height, width = image.shape
+    if height == 0 or width == 0:
+        return image.astype(np.float32)
+    tile_h, tile_w = -(-height // tiles), -(-width // tiles)
+    padded = np.pad(image, ((0, tile_h * tiles - height), (0, tile_w * tiles - width)), mode="reflect"
+                    if height > 1 and width > 1 else "edge")
+    levels = np.minimum((padded * CLAHE_BINS).astype(np.int64), CLAHE_BINS - 1)
+    blocks = levels.reshape(tiles, tile_h, tiles, tile_w).transpose(0, 2, 1, 3).reshape(tiles * tiles, -1)
+    offsets = np.arange(tiles * tiles)[:, None] * CLAHE_BINS
+    histograms = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * CLAHE_BINS)
+    histograms = histograms.reshape(tiles * tiles, CLAHE_BINS).astype(np.float64)
+    limit = max(1.0, clip * blocks.shape[1])
+    excess = np.maximum(histograms - limit, 0).sum(1, keepdims=True)
+    histograms = np.minimum(histograms, limit) + excess / CLAHE_BINS
+    mappings = (np.cumsum(histograms, 1) / blocks.shape[1]).reshape(tiles, tiles, CLAHE_BINS)
+    # Each pixel's position in tile-centre coordinates: tile i's centre is at (i + 0.5) tile sizes.
+    y = np.clip((np.arange(height) + 0.5) / tile_h - 0.5, 0, tiles - 1)
+    x = np.clip((np.arange(width) + 0.5) / tile_w - 0.5, 0, tiles - 1)
+    y0, x0 = np.minimum(y.astype(np.int64), tiles - 2 if tiles > 1 else 0), np.minimum(x.astype(np.int64),
+                                                                                      tiles - 2 if tiles > 1 else 0)
+    y1, x1 = np.minimum(y0 + 1, tiles - 1), np.minimum(x0 + 1, tiles - 1)
+    wy, wx = (y - y0)[:, None], (x - x0)[None, :]
+    grey = levels[:height, :width]
+    top = mappings[y0[:, None], x0[None, :], grey] * (1 - wx) + mappings[y0[:, None], x1[None, :], grey] * wx
+    bottom = mappings[y1[:, None], x0[None, :], grey] * (1 - wx) + mappings[y1[:, None], x1[None, :], grey] * wx
+    return np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0).astype(np.float32)

@@ -606,7 +606,8 @@ def test_sixteen_bit_colour_is_scaled_by_its_own_range():
     {"kind": "ct_window", "center": "40", "width": 400}, {"kind": "ct_window", "center": 40, "width": -5},
     {"kind": "percentile", "low": 90, "high": 10}, {"kind": "rgb_meanstd", "mean": [0.5], "std": [0.0]},
     {"kind": "rgb_meanstd", "mean": [0.5, 0.5], "std": [0.2]}, {"kind": "ct_window", "center": True, "width": 1},
-    "ct", None,
+    {"kind": "clahe", "tiles": 0}, {"kind": "clahe", "tiles": 2.5}, {"kind": "clahe", "clip": 0},
+    {"kind": "clahe", "clip": 1.5}, "ct", None,
 ])
 def test_bad_presets_raise_preset_errors(preset):
     with pytest.raises(PresetError):
@@ -628,6 +629,47 @@ def test_unit_range_presets_always_give_finite_values_in_zero_one():
         assert out.shape == image.shape and out.dtype == np.float32 and np.isfinite(out).all()
         if not (modality == "CT" and source_dtype == "uint8"):  # 8-bit CT is only divided by 255
             assert out.min() >= 0 and out.max() <= 1
+
+    check()
+
+
+def test_clahe_with_one_tile_and_no_clip_is_global_histogram_equalisation():
+    from m4oe_adapters.presets import clahe
+
+    generator = np.random.default_rng(0)
+    image = generator.beta(2, 5, size=(37, 53)).astype(np.float32)  # skewed: equalisation moves it
+    levels = np.minimum((image * 256).astype(int), 255)
+    cdf = np.cumsum(np.bincount(levels.ravel(), minlength=256)) / levels.size
+    np.testing.assert_allclose(clahe(image, tiles=1, clip=1.0), cdf[levels], atol=1e-6)
+
+
+def test_clahe_halves_the_brightness_gap_of_uneven_illumination_that_the_imagenet_preset_keeps():
+    generator = np.random.default_rng(1)
+    texture = 0.5 + 0.1 * generator.standard_normal((192, 256))
+    light = np.linspace(0.25, 1.0, texture.shape[1])[None, :]  # one side lit four times less
+    image = (np.clip(texture * light, 0, 1) * 255).astype(np.float32)[None].repeat(3, 0)
+    gaps = {}
+    for name, preset in (("clahe", {"kind": "clahe"}), ("imagenet", default_preset("fundus"))):
+        out = apply_preset(image, preset, source_dtype="uint8")[0]
+        gaps[name] = abs(out[:, :64].mean() - out[:, -64:].mean()) / out.std()  # in the image's own spread
+    assert gaps["imagenet"] > 2.0 and gaps["clahe"] < 0.55 * gaps["imagenet"], gaps
+
+
+def test_clahe_preset_gives_finite_values_of_the_same_shape_for_any_image():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    images = arrays(np.float32, st.tuples(st.sampled_from([1, 3]), st.integers(1, 40), st.integers(1, 40)),
+                    elements=st.floats(0, 255, width=32))
+
+    @settings(max_examples=60, deadline=None)
+    @given(images, st.integers(1, 9), st.sampled_from([0.001, 0.01, 1.0]))
+    def check(image, tiles, clip):
+        preset = validate_preset({"kind": "clahe", "tiles": tiles, "clip": clip})
+        out = apply_preset(image, preset, source_dtype="uint8")
+        assert out.shape == image.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        assert out.min() >= -0.5 / 0.29 - 1e-5 and out.max() <= 0.5 / 0.29 + 1e-5
 
     check()
 
