@@ -72,8 +72,8 @@ class FolderWatcher:
 
     # ------------------------------------------------------------------------------------------- running
     def start(self) -> "FolderWatcher":
-        """Adopt what the service already serves from the folder, then scan in a daemon thread."""
-        self.scan(settle=False)
+        """Take a first look at the folder now, then one every ``interval_s`` seconds in a daemon thread."""
+        self.scan()
         self._thread = threading.Thread(target=self._run, name="m4oe-watch", daemon=True)
         self._thread.start()
         return self
@@ -91,13 +91,9 @@ class FolderWatcher:
                 _log("watch_error", folder=str(self.folder), error=f"{type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------------------------------- one scan
-    def scan(self, settle: bool = True) -> None:
-        """Look at the folder once and act on what changed.
-
-        Args:
-            settle: load a new or changed file only once its stamp is the same as at the previous scan; ``False``
-                loads it now (at start, when nothing can be half-copied by an earlier scan's reckoning).
-        """
+    def scan(self) -> None:
+        """Look at the folder once and act on the files whose stamp changed and then stayed the same since the
+        previous look (a file is read one interval after it last changed, not while it is being written)."""
         with self._lock:
             present = self._listing()
             for key, stamp in sorted(present.items()):
@@ -105,7 +101,7 @@ class FolderWatcher:
                 if known is not None and known.stamp == stamp:
                     self._pending.pop(key, None)
                     continue
-                if settle and self._pending.get(key) != stamp:
+                if self._pending.get(key) != stamp:
                     self._pending[key] = stamp  # seen for the first time with this stamp: wait one scan
                     continue
                 self._pending.pop(key, None)
