@@ -18,7 +18,8 @@ from .manifest import (
     scan_samples,
     select,
 )
-from .masks import ENCODINGS, decode_mask, read_mask
+from .mask_encodings import ENCODINGS, decode_mask
+from .masks import read_mask
 from .readers import ImageRecord, read_image, read_volume, write_mask
 
 __all__ = [

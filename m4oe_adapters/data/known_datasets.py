@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ImageReadError, MaskError
+from .mask_encodings import decode_mask
 from .readers import ImageRecord, read_pil, read_volume
 
 
@@ -59,8 +60,6 @@ def paste_lung_crops(mask_path: Path, image: ImageRecord) -> np.ndarray:
 def nrrd_slice_for_dicom(mask_path: Path, image: ImageRecord) -> np.ndarray:
     """dcmqi CT: ``[H, W]`` class ids of the NRRD label slice at the DICOM slice's z position."""
     import nrrd
-
-    from .masks import decode_mask
 
     try:
         header = nrrd.read_header(str(mask_path))
