@@ -5,13 +5,13 @@
 
 Copies the zoo into a temporary folder, starts ``m4oe serve --zoo COPY --engine ray --replicas N --watch`` on a
 free loopback port, then: (1) sends ``--requests`` segment requests naming the new adapter's modality (all 422:
-nobody serves it), (2) copies the new adapter file into the folder and waits until requests for it succeed (2 × replicas + 2 in a row),
-(3) sends ``--requests`` more (each is routed by Ray to one of the replicas: all must be 200, each naming the new
-file's version), (4) deletes the file and waits likewise, (5) sends ``--requests`` more (all must be 422 again). Ray sends
-each request to one replica of its choice, so a replica that had missed a change would answer some of a phase's
-requests wrongly (with 2 replicas and 12 requests, all going to one replica has probability 2 × 0.5^12). Prints a
-JSON report (status and version counts per phase, seconds until a change was served by every replica, and from Ray's log
-lines how many answers of each status every replica gave) and stops the service.
+nobody serves it), (2) copies the new adapter file into the folder and waits until requests for it succeed
+(2 × replicas + 2 in a row), (3) sends ``--requests`` more (all must be 200, each naming the new file's version),
+(4) deletes the file and waits likewise, (5) sends ``--requests`` more (all must be 422 again). Ray sends each
+request to one replica of its choice, so a replica that had missed a change would answer some of a phase's requests
+wrongly (with 2 replicas and 12 requests, all going to one replica has probability 2 × 0.5^12). Prints a JSON
+report (status and version counts per phase, seconds until a change was served by every replica, and from Ray's
+log lines how many answers of each status every replica gave) and stops the service.
 """
 from __future__ import annotations
 

@@ -118,7 +118,8 @@ def run_protocol(
             fit = fit_modality(
                 backbone_factory, development, modality, mode=mode, shots=shot, val_count=val_count,
                 in_chans=in_chans, size=size, resize_mode=resize_mode, expert_config=expert_config,
-                train_config=train_config, output=output, progress=progress, scale=scale, preset=preset, augment=augment,
+                train_config=train_config, output=output, progress=progress, scale=scale, preset=preset,
+                augment=augment,
                 label_names=None if label_names is None else list(label_names),
                 num_classes=None if label_names is None else len(label_names),
             )

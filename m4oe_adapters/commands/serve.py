@@ -26,8 +26,9 @@ def register(subparsers) -> None:
                         help="hold fp16 adapter files in fp32 (default: in their own dtype, half the memory, the same "
                              "masks)")
     parser.add_argument("--watch", nargs="?", const="", default=None, metavar="FOLDER",
-                        help="serve the adapter files of FOLDER (default: the --zoo folder) as they are added, replaced "
-                             "and deleted; every Ray replica watching one shared folder serves the same adapters")
+                        help="serve the adapter files of FOLDER (default: the --zoo folder) as they are added, "
+                             "replaced and deleted; every Ray replica watching one shared folder serves the same "
+                             "adapters")
     parser.add_argument("--watch-interval", type=float, default=2.0, help="seconds between two looks at --watch")
     parser.add_argument("--tokens", default=None,
                         help='JSON file {"predict": ..., "admin": ...} (default: $M4OE_SERVE_TOKEN and '
@@ -46,7 +47,8 @@ def settings_from(args: argparse.Namespace):
     watch = args.watch
     if watch == "":
         if not args.zoo:
-            raise ConfigError("--watch without a folder watches the --zoo folder; with --adapter files, name the folder")
+            raise ConfigError("--watch without a folder watches the --zoo folder; with --adapter files, name the "
+                              "folder")
         watch = args.zoo
     if args.watch_interval <= 0:
         raise ConfigError(f"--watch-interval must be > 0 seconds, got {args.watch_interval}")
