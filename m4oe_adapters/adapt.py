@@ -287,7 +287,7 @@ def fit_modality(
         output: adapter file to write (modes experts/decoder) or baseline checkpoint (other modes).
     """
     from .data import SegmentationDataset
-    from .presets import default_preset, known_modality
+    from .presets import default_preset, known_modality, validate_preset
 
     from .data import label_names as dataset_label_names
     from .training import seed_everything
@@ -340,7 +340,8 @@ def fit_modality(
 
         metadata, _ = read_header(init_adapter)
         preset, label_names, num_classes = metadata["preset"], metadata["label_names"], metadata["num_classes"]
-    preset = preset or default_preset(known_modality(modality, train_samples))
+    # Stored with every parameter spelled out, so the file keeps its meaning if a default changes later.
+    preset = validate_preset(preset or default_preset(known_modality(modality, train_samples)))
     train_set = SegmentationDataset(
         train_samples, preset=preset, in_channels=in_chans, size=size, mode=resize_mode, augment=augment,
         seed=train_config.seed, scale=scale,

@@ -157,6 +157,22 @@ def test_an_adapter_named_after_its_site_is_preprocessed_and_scaled_as_its_image
     assert fit.provenance["scale"]["value"] == pytest.approx(82, rel=0.04)
 
 
+def test_an_adapter_file_spells_out_every_parameter_of_its_preset(tmp_path):
+    """A preset given by its kind alone (``{"kind": "clahe"}``) is written into the adapter with its tiles and clip
+    limit, so the file keeps its meaning if a default changes later; prediction reads it back."""
+    from m4oe_adapters.adapt import fit_modality
+    from m4oe_adapters.adapter_file import read_header
+    from m4oe_adapters.config import ExpertConfig
+    from m4oe_adapters.training import TrainConfig
+
+    samples = [write_fundus_pair(tmp_path, f"eye{i}", 96, 100, 80) for i in range(2)]
+    fit_modality(tiny_backbone, samples, "fundus", size=(64, 64), resize_mode="crop", val_count=0,
+                 preset={"kind": "clahe"}, expert_config=ExpertConfig(rank=2),
+                 train_config=TrainConfig(steps=1, batch_size=2), output=tmp_path / "a.safetensors",
+                 progress=False, log=lambda line: None)
+    assert read_header(tmp_path / "a.safetensors")[0]["preset"] == {"kind": "clahe", "tiles": 8, "clip": 0.01}
+
+
 def test_adapting_an_adapter_to_a_new_site_trains_at_the_scale_its_experts_learnt(tmp_path):
     """`m4oe train --init` on a site whose discs are twice as wide: the new images are resampled to the starting
     adapter's scale (what its experts learnt vessels at), and the adapted adapter records that scale, so prediction
