@@ -218,9 +218,9 @@ def test_chase_db1_field_of_view_is_about_1_7_times_drive():
 
 @pytest.mark.real_data
 @pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason="real data not found (set M4OE_DATA)")
-def test_otsu_threshold_recovers_dice_the_zoo_fundus_adapter_loses_at_chase_db1_and_keeps_drive():
-    """README ("Training, evaluation, prediction"): `--threshold otsu` raised the zoo fundus adapter on every one of
-    the 28 CHASE_DB1 images (54.8 -> 57.7) and changed DRIVE by +0.1. Here 3 images of each site, predicted as
+def test_otsu_threshold_raises_the_zoo_fundus_adapter_at_chase_db1_and_keeps_drive():
+    """README ("Training, evaluation, prediction"): `--threshold otsu` raised the zoo fundus adapter (CLAHE preset) on
+    26 of the 28 CHASE_DB1 images (64.9 -> 65.9) and left DRIVE at 80.7. Here 3 images of each site, predicted as
     `m4oe eval` predicts them (scale harmonised, windows), scored at the argmax and with each image's Otsu threshold."""
     from pathlib import Path
 
@@ -251,5 +251,5 @@ def test_otsu_threshold_recovers_dice_the_zoo_fundus_adapter_loses_at_chase_db1_
                 argmax = dice(mask_from_probabilities(probabilities).numpy() > 0, label)
                 otsu = dice(mask_from_probabilities(probabilities, "otsu").numpy() > 0, label)
                 gains.setdefault(site, []).append(otsu - argmax)
-    assert all(gain > 0.005 for gain in gains["CHASE_DB1"]), gains
+    assert float(np.mean(gains["CHASE_DB1"])) > 0.003 and sum(g > 0 for g in gains["CHASE_DB1"]) >= 2, gains
     assert abs(float(np.mean(gains["DRIVE"]))) < 0.01, gains
