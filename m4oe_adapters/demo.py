@@ -125,7 +125,7 @@ def run_demo(
 def real_samples(data: str | Path | None) -> tuple[list | None, Path]:
     """``(manifest samples, data root)``; the samples are ``None`` when no data folder is there (the demo then goes
     synthetic)."""
-    from .data.manifest import default_data_root
+    from .commands.data_args import default_data_root  # torch-free, shared with the commands' --data default
 
     root = Path(data) if data else default_data_root()
     manifest = root / "manifest.csv" if root.is_dir() else root

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from ..data.manifest import DATA_ENV, default_data_root
 from ..errors import DataError
+
+DATA_ENV = "M4OE_DATA"
+
+
+def default_data_root() -> Path:
+    """``$M4OE_DATA``, else ``../shared/data`` (relative to the working directory)."""
+    return Path(os.environ.get(DATA_ENV, "../shared/data"))
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, masks: bool = True) -> None:

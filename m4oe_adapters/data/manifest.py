@@ -35,12 +35,6 @@ IMAGE_SUFFIXES_TO_STRIP = ("_training", "_test", "_image", "_img")
 DATA_ENV = "M4OE_DATA"
 
 
-def default_data_root() -> Path:
-    """The data folder of the commands' ``--data`` default: ``$M4OE_DATA``, else ``../shared/data`` relative to the
-    working directory, whether it exists or not (the command then says what is missing)."""
-    return Path(os.environ.get(DATA_ENV, "../shared/data"))
-
-
 def data_root() -> Path:
     """The shared data folder: ``$M4OE_DATA``, else ``../shared/data`` if it exists, else ``<repo>/../shared/data``
     (which may not exist; callers check and skip or explain)."""
