@@ -25,10 +25,18 @@ def versions(tmp_path_factory):
     return models, [{name: adapter_bytes(model, name, folder) for name in CLASSES} for model in models]
 
 
-def watching(folder, **settings) -> tuple:
-    service = empty_service(**settings)
-    watcher = service.watch(folder, interval_s=3600)  # the thread never fires: the tests scan
-    return service, watcher
+def watching(folder) -> tuple:
+    """A service watching ``folder``, and its watcher (whose thread never fires: the tests scan)."""
+    service = empty_service()
+    return service, service.watch(folder, interval_s=3600)
+
+
+@pytest.fixture
+def watched(tmp_path):
+    """:func:`watching` ``tmp_path``, the service closed afterwards."""
+    service, watcher = watching(tmp_path)
+    yield service, watcher
+    service.close()
 
 
 def write(path, data: bytes, stamp_ns: int | None = None) -> None:
@@ -47,51 +55,45 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_a_new_file_is_served_once_settled_and_a_changed_one_is_hot_swapped(versions, tmp_path):
+def test_a_new_file_is_served_once_settled_and_a_changed_one_is_hot_swapped(versions, tmp_path, watched):
     models, files = versions
-    service, watcher = watching(tmp_path)
-    try:
-        write(tmp_path / "ct.safetensors", files[0]["CT"], 10**18)
-        watcher.scan()
-        assert served(service) == {}, "a file seen once may still be being copied: not read yet"
-        watcher.scan()
-        assert served(service) == {"CT": sha(files[0]["CT"])}
-        write(tmp_path / "ct.safetensors", files[1]["CT"], 2 * 10**18)
-        watcher.scan()
-        assert served(service) == {"CT": sha(files[0]["CT"])}
-        watcher.scan()
-        assert served(service) == {"CT": sha(files[1]["CT"])}
-        _, raw = random_png(64, 64, seed=4)
-        answer = service.segment(_png(raw), modality="CT")
-        assert answer.info["adapter"]["sha256"] == sha(files[1]["CT"])
-        np.testing.assert_array_equal(answer.masks[0], predict_array(models[1], raw, "CT"))
-        assert len(service.model.modalities) == 1, "the old version's slot is unloaded"
-    finally:
-        service.close()
+    service, watcher = watched
+    write(tmp_path / "ct.safetensors", files[0]["CT"], 10**18)
+    watcher.scan()
+    assert served(service) == {}, "a file seen once may still be being copied: not read yet"
+    watcher.scan()
+    assert served(service) == {"CT": sha(files[0]["CT"])}
+    write(tmp_path / "ct.safetensors", files[1]["CT"], 2 * 10**18)
+    watcher.scan()
+    assert served(service) == {"CT": sha(files[0]["CT"])}
+    watcher.scan()
+    assert served(service) == {"CT": sha(files[1]["CT"])}
+    _, raw = random_png(64, 64, seed=4)
+    answer = service.segment(_png(raw), modality="CT")
+    assert answer.info["adapter"]["sha256"] == sha(files[1]["CT"])
+    np.testing.assert_array_equal(answer.masks[0], predict_array(models[1], raw, "CT"))
+    assert len(service.model.modalities) == 1, "the old version's slot is unloaded"
 
 
-def test_a_file_still_being_copied_is_not_read_and_a_deleted_file_stops_being_served(versions, tmp_path):
+def test_a_file_still_being_copied_is_not_read_and_a_deleted_file_stops_being_served(versions, tmp_path, watched):
     _, files = versions
-    service, watcher = watching(tmp_path)
-    try:
-        data = files[0]["MRI"]
-        path = tmp_path / "mri.safetensors"
-        write(path, data[: len(data) // 3], 10**18)
-        watcher.scan()
-        write(path, data[: 2 * len(data) // 3], 2 * 10**18)  # grew since the last scan: still being copied
-        watcher.scan()
-        assert served(service) == {} and watcher.state()["files"] == {}, "nothing read, nothing refused"
-        write(path, data, 3 * 10**18)
-        watcher.scan()
-        watcher.scan()
-        assert served(service) == {"MRI": sha(data)}
-        (tmp_path / ".mri.safetensors.tmp").write_bytes(b"half")  # a temporary file of an atomic copy: ignored
-        path.unlink()
-        watcher.scan()
-        assert served(service) == {} and len(service.model.modalities) == 0
-        assert watcher.state()["files"] == {}
-    finally:
-        service.close()
+    service, watcher = watched
+    data = files[0]["MRI"]
+    path = tmp_path / "mri.safetensors"
+    write(path, data[: len(data) // 3], 10**18)
+    watcher.scan()
+    write(path, data[: 2 * len(data) // 3], 2 * 10**18)  # grew since the last scan: still being copied
+    watcher.scan()
+    assert served(service) == {} and watcher.state()["files"] == {}, "nothing read, nothing refused"
+    write(path, data, 3 * 10**18)
+    watcher.scan()
+    watcher.scan()
+    assert served(service) == {"MRI": sha(data)}
+    (tmp_path / ".mri.safetensors.tmp").write_bytes(b"half")  # a temporary file of an atomic copy: ignored
+    path.unlink()
+    watcher.scan()
+    assert served(service) == {} and len(service.model.modalities) == 0
+    assert watcher.state()["files"] == {}
 
 
 def test_hostile_files_in_the_folder_change_nothing_and_say_why(versions, tmp_path):
@@ -138,22 +140,19 @@ def test_hostile_files_in_the_folder_change_nothing_and_say_why(versions, tmp_pa
         service.close()
 
 
-def test_a_second_file_claiming_a_served_name_is_refused_and_deleting_it_leaves_the_first(versions, tmp_path):
+def test_a_second_file_claiming_a_served_name_is_refused_and_deleting_it_leaves_the_first(versions, tmp_path, watched):
     _, files = versions
-    service, watcher = watching(tmp_path)
-    try:
-        write(tmp_path / "a.safetensors", files[0]["CT"], 10**18)
-        write(tmp_path / "b.safetensors", files[1]["CT"], 10**18)
-        watcher.scan()
-        watcher.scan()
-        assert served(service) == {"CT": sha(files[0]["CT"])}  # files are taken in name order
-        state = watcher.state()["files"]
-        assert "already served from a.safetensors" in state["b.safetensors"]["refused"]
-        (tmp_path / "b.safetensors").unlink()
-        watcher.scan()
-        assert served(service) == {"CT": sha(files[0]["CT"])}
-    finally:
-        service.close()
+    service, watcher = watched
+    write(tmp_path / "a.safetensors", files[0]["CT"], 10**18)
+    write(tmp_path / "b.safetensors", files[1]["CT"], 10**18)
+    watcher.scan()
+    watcher.scan()
+    assert served(service) == {"CT": sha(files[0]["CT"])}  # files are taken in name order
+    state = watcher.state()["files"]
+    assert "already served from a.safetensors" in state["b.safetensors"]["refused"]
+    (tmp_path / "b.safetensors").unlink()
+    watcher.scan()
+    assert served(service) == {"CT": sha(files[0]["CT"])}
 
 
 def test_files_served_at_start_are_adopted_not_loaded_again(versions, tmp_path):
