@@ -186,7 +186,8 @@ class SegmentationModel(nn.Module):
         """Which loaded adapter each image belongs to, with a confidence; ``modality=None`` when none fits.
 
         Args:
-            images: ``[B, C, H, W]`` (any size, any intensity scale: raw pixels or preset-normalised), or a list of
+            images: ``[B, C, H, W]`` (any size, any intensity scale: raw pixels, or normalised by an affine preset;
+                not by ``clahe``, which changes an image's look: route its raw pixels), or a list of
                 ``[C, H, W]`` arrays of different sizes.
             min_confidence: acceptance threshold in [0, 1] (default: each adapter's stored one).
 
@@ -306,7 +307,8 @@ class SegmentationModel(nn.Module):
         Args:
             images: ``[B, C, H, W]``, preprocessed with each modality's preset; ``H, W`` multiples of 32.
             modality: one name for the whole batch, one name per sample (mixed batch), ``"auto"`` to route each
-                image to its adapter (:meth:`route`; still one backbone pass for the batch), or ``None``: the
+                image to its adapter (:meth:`route` of these inputs, so not for images normalised with the ``clahe``
+                preset: route their raw pixels first; still one backbone pass for the batch), or ``None``: the
                 modality chosen with :meth:`set_modality`, else the only loaded one, else routing as ``"auto"``
                 (with soft routing, ``None`` lets the token gate mix every expert).
             routing: ``"hard"`` or ``"soft"`` (default: the model's ``expert_config.routing``).
