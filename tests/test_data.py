@@ -655,6 +655,17 @@ def test_clahe_halves_the_brightness_gap_of_uneven_illumination_that_the_imagene
     assert gaps["imagenet"] > 2.0 and gaps["clahe"] < 0.55 * gaps["imagenet"], gaps
 
 
+def test_clahe_does_not_depend_on_the_pixel_size_of_the_image():
+    """Tiles are a share of the image: the same picture at twice the pixel count is equalised alike."""
+    from m4oe_adapters.presets import clahe
+
+    generator = np.random.default_rng(2)
+    small = np.kron(generator.random((12, 16)), np.ones((8, 8))) * np.linspace(0.3, 1.0, 128)[None, :]
+    large = np.kron(small, np.ones((2, 2)))  # every pixel four times
+    difference = np.abs(clahe(large)[::2, ::2] - clahe(small))
+    assert difference.mean() < 0.01 and np.quantile(difference, 0.99) < 0.05, difference.mean()
+
+
 def test_clahe_preset_gives_finite_values_of_the_same_shape_for_any_image():
     from hypothesis import given, settings
     from hypothesis import strategies as st
